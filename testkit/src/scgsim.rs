@@ -1,0 +1,1 @@
+//! SCG token-refresh API simulator (work in progress).

@@ -1,0 +1,380 @@
+//! The `ScgToken` custom resource: spec, status, defaults and the schema rules the API
+//! server enforces. No I/O lives here; runtime validation is in [`crate::policy`].
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "scgtoken.io";
+/// Label put on every target Secret the operator creates; the ownership marker together
+/// with [`OWNER_ANNOTATION`]. The operator only watches and writes Secrets that carry it.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY_VALUE: &str = "scg-token-operator";
+/// Annotation on a target Secret naming the `ScgToken` (in the same namespace) it belongs to.
+pub const OWNER_ANNOTATION: &str = "scgtoken.io/owner";
+/// Annotation on an `ScgToken` asking for one immediate refresh. Any new value triggers
+/// one refresh: `kubectl annotate scgtoken NAME scgtoken.io/refresh-requested-at="$(date -u +%FT%TZ)" --overwrite`.
+pub const REFRESH_REQUEST_ANNOTATION: &str = "scgtoken.io/refresh-requested-at";
+
+/// Go-style duration as the API server's CEL `duration()` accepts it, restricted to whole
+/// hours, minutes and seconds ("90s", "12h", "1h30m").
+const DURATION_PATTERN: &str = "^([0-9]+(h|m|s))+$";
+
+/// Keeps a Syniverse SCG access token fresh in a Secret.
+///
+/// The operator reads the consumer key, consumer secret and a seed access token from
+/// `credentialsSecretRef`, calls the SCG `apptoken-refresh` API before the current token
+/// expires, and writes each new token into the target Secret that workloads mount.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "scgtoken.io",
+    version = "v1alpha1",
+    kind = "ScgToken",
+    plural = "scgtokens",
+    shortname = "scgt",
+    category = "scg",
+    namespaced,
+    status = "ScgTokenStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
+    printcolumn = r#"{"name":"Next Refresh","type":"string","jsonPath":".status.nextRefreshAt"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("!(has(self.refreshBefore) && has(self.refreshBeforePercentage))").message("set refreshBefore or refreshBeforePercentage, not both"))]
+#[x_kube(validation = Rule::new("!has(self.refreshBefore) || duration(self.refreshBefore) < duration(self.validity)").message("refreshBefore must be shorter than validity"))]
+#[serde(rename_all = "camelCase")]
+pub struct ScgTokenSpec {
+    /// The Secret, in the ScgToken's own namespace, holding the application's consumer
+    /// key, consumer secret and seed access token. A Secret in another namespace cannot be
+    /// named. The seed is used once, to start a token chain; when its value changes (a
+    /// human re-generated the token in the SDC UI), a new chain starts from it at once.
+    pub credentials_secret_ref: CredentialsSecretRef,
+
+    /// Requested lifetime of each new token, sent as the `validity` of the refresh call.
+    /// The lifetime the API returns (`validityTime`) is what the operator schedules by.
+    /// A Go duration of whole hours, minutes and seconds, e.g. `60s`, `12h`, `1h30m`.
+    /// Default `24h`; at least `30s`, at most `8760h` (a year).
+    #[serde(default = "default_validity")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('8760h')").message("validity must be between 30s and 8760h"))]
+    pub validity: String,
+
+    /// How long before expiry to refresh, e.g. `10m`. Must be shorter than `validity`;
+    /// excludes `refreshBeforePercentage`. When the API returns a lifetime shorter than
+    /// this margin, the operator refreshes after a tenth of the lifetime instead, so a
+    /// short lifetime never causes a refresh loop. Leave room for kubelet, which can take
+    /// more than a minute to update a mounted Secret. Unset by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    pub refresh_before: Option<String>,
+
+    /// How much of each token's returned lifetime is left when it is refreshed, in
+    /// percent (1-90), e.g. `25` refreshes a 1h token 45 minutes after it was issued.
+    /// Excludes `refreshBefore`. When neither is set, a token is refreshed when a third of
+    /// its lifetime is left (the equivalent of `33`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 90))]
+    pub refresh_before_percentage: Option<u8>,
+
+    /// Full URL of the refresh call. Default
+    /// `https://api.syniverse.com/apptoken-refresh` (some accounts use
+    /// `https://api.syniverse.com/v1/apptoken-refresh`). Plain `http://` is refused unless
+    /// the operator runs with `--allow-insecure-endpoints` (tests and local trials only).
+    #[serde(default = "default_endpoint")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("endpoint must be an http(s) URL"))]
+    pub endpoint: String,
+
+    /// A Secret in the same namespace whose keys become extra request headers of the
+    /// refresh call, e.g. a key `Cookie`. Values are treated as secrets. Unset by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_from: Option<SecretName>,
+
+    /// Time limit of one refresh call, a Go duration. Default `10s`; between `1s` and `2m`.
+    #[serde(default = "default_timeout")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('2m')").message("timeout must be between 1s and 2m"))]
+    pub timeout: String,
+
+    /// The Secret the operator writes each token into, and workloads read it from.
+    #[serde(default)]
+    pub target: TargetSpec,
+
+    /// Stops refreshing without deleting anything: the target Secret keeps its last token,
+    /// which expires as usual. Default `false`.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Where the credentials are: a Secret in the ScgToken's namespace and its keys.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Name of the Secret, e.g. `scg-credentials`. Always in the ScgToken's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key holding the consumer key. Default `consumerKey`.
+    #[serde(default = "default_consumer_key_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub consumer_key_key: String,
+    /// Key holding the consumer secret. Default `consumerSecret`.
+    #[serde(default = "default_consumer_secret_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub consumer_secret_key: String,
+    /// Key holding the seed access token: the token generated in the SDC UI. Default
+    /// `accessToken`.
+    #[serde(default = "default_access_token_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub access_token_key: String,
+}
+
+/// A Secret in the ScgToken's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecretName {
+    /// Name of the Secret, e.g. `scg-headers`.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Valid characters of a Secret data key.
+const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
+
+/// The target Secret: where the current token lives.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetSpec {
+    /// Name of the Secret, in the ScgToken's namespace. Default: the ScgToken's name. An
+    /// existing Secret is only taken over when it carries the operator's ownership marker
+    /// (label `app.kubernetes.io/managed-by: scg-token-operator` and annotation
+    /// `scgtoken.io/owner: <ScgToken name>`). The Secret holds the token chain: renaming
+    /// the target of a running chain starts over from the seed, which is usually revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: Option<String>,
+    /// Key holding the access token. Default `accessToken`.
+    #[serde(default = "default_access_token_key")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub token_key: String,
+    /// Optional key holding the token's expiry time as RFC 3339, e.g. `expiresAt`.
+    /// Unset by default (the expiry is always in the annotation `scgtoken.io/expires-at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    pub expiry_key: Option<String>,
+    /// Extra labels of the target Secret. Labels removed here are not removed from an
+    /// existing Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations of the target Secret, e.g. for reloaders. Annotations removed here
+    /// are not removed from an existing Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Type of a Secret the operator creates. Default `Opaque`. Kubernetes does not allow
+    /// changing the type of an existing Secret.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    /// What happens to the target Secret when the ScgToken is deleted: `Retain` (default)
+    /// keeps it and its last token; `Delete` gives it an owner reference so Kubernetes
+    /// garbage-collects it with the ScgToken.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What happens to the target Secret when its ScgToken is deleted.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum DeletionPolicy {
+    /// Keep the Secret and its last token.
+    #[default]
+    Retain,
+    /// Delete the Secret with the ScgToken (owner reference, garbage collection).
+    Delete,
+}
+
+/// Observed state of an ScgToken. Never holds a token: only its fingerprint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ScgTokenStatus {
+    /// `Ready` is `True` while the target Secret holds a token that has not expired and
+    /// the last refresh attempt did not fail. Its reason says why not otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Name of the target Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_secret: Option<String>,
+    /// When the current token expires. Unset while the chain runs on a seed whose expiry
+    /// is unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When the operator will next try to refresh (a scheduled refresh or a retry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_refresh_at: Option<Time>,
+    /// When the current token was received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_at: Option<Time>,
+    /// When the last refresh attempt failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_at: Option<Time>,
+    /// Refresh attempts that failed in a row; 0 after a success. Drives the back-off.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Short salted SHA-256 fingerprint of the current token, to tell tokens apart
+    /// without revealing them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_fingerprint: Option<String>,
+    /// Salted fingerprint of the consumer key, consumer secret and current token of the
+    /// last attempt: when it changes (a human fixed the credentials), a back-off ends at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_fingerprint: Option<String>,
+    /// The last value of the `scgtoken.io/refresh-requested-at` annotation that was
+    /// acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_refresh_request: Option<String>,
+}
+
+fn default_validity() -> String {
+    "24h".into()
+}
+fn default_endpoint() -> String {
+    "https://api.syniverse.com/apptoken-refresh".into()
+}
+fn default_timeout() -> String {
+    "10s".into()
+}
+fn default_consumer_key_key() -> String {
+    "consumerKey".into()
+}
+fn default_consumer_secret_key() -> String {
+    "consumerSecret".into()
+}
+fn default_access_token_key() -> String {
+    "accessToken".into()
+}
+
+impl Default for CredentialsSecretRef {
+    fn default() -> Self {
+        CredentialsSecretRef {
+            name: String::new(),
+            consumer_key_key: default_consumer_key_key(),
+            consumer_secret_key: default_consumer_secret_key(),
+            access_token_key: default_access_token_key(),
+        }
+    }
+}
+
+impl Default for TargetSpec {
+    fn default() -> Self {
+        TargetSpec {
+            name: None,
+            token_key: default_access_token_key(),
+            expiry_key: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            type_: None,
+            deletion_policy: DeletionPolicy::Retain,
+        }
+    }
+}
+
+impl ScgTokenSpec {
+    /// A spec with every default and the given credentials Secret.
+    pub fn new(credentials_secret: &str) -> Self {
+        ScgTokenSpec {
+            credentials_secret_ref: CredentialsSecretRef {
+                name: credentials_secret.into(),
+                ..Default::default()
+            },
+            validity: default_validity(),
+            refresh_before: None,
+            refresh_before_percentage: None,
+            endpoint: default_endpoint(),
+            headers_from: None,
+            timeout: default_timeout(),
+            target: TargetSpec::default(),
+            suspend: false,
+        }
+    }
+}
+
+impl ScgToken {
+    /// Name of the target Secret: `spec.target.name`, or the ScgToken's own name.
+    pub fn target_name(&self) -> String {
+        self.spec
+            .target
+            .name
+            .clone()
+            .unwrap_or_else(|| kube::ResourceExt::name_any(self))
+    }
+
+    /// The `Ready` condition, if any.
+    pub fn ready_condition(&self) -> Option<&Condition> {
+        self.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+    }
+}
+
+/// The CRD as YAML, exactly as committed in `crds/scgtoken.yaml`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let body = serde_yaml::to_string(&ScgToken::crd()).unwrap_or_default();
+    format!("# Generated by `scg-token-operator crd`; do not edit.\n{body}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_a_minimal_spec() {
+        let spec: ScgTokenSpec =
+            serde_json::from_value(serde_json::json!({"credentialsSecretRef": {"name": "c"}}))
+                .unwrap();
+        assert_eq!(spec, ScgTokenSpec::new("c"));
+        assert_eq!(spec.target.token_key, "accessToken");
+        assert_eq!(spec.target.deletion_policy, DeletionPolicy::Retain);
+    }
+
+    #[test]
+    fn target_name_defaults_to_the_scgtoken_name() {
+        let mut t = ScgToken::new("messaging", ScgTokenSpec::new("c"));
+        assert_eq!(t.target_name(), "messaging");
+        t.spec.target.name = Some("other".into());
+        assert_eq!(t.target_name(), "other");
+    }
+
+    #[test]
+    fn committed_crd_matches_the_code() {
+        let committed = include_str!("../crds/scgtoken.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/scgtoken.yaml is stale: run `cargo run -- crd > crds/scgtoken.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_carries_the_schema_rules() {
+        let yaml = crd_yaml();
+        for needle in [
+            "x-kubernetes-validations",
+            "refreshBefore must be shorter than validity",
+            "set refreshBefore or refreshBeforePercentage, not both",
+            "duration(self) >= duration('30s')",
+            "maximum: 90",
+            "shortNames",
+            "Next Refresh",
+        ] {
+            assert!(yaml.contains(needle), "CRD lacks {needle}");
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! The token chain's durable state: reading the credentials and target Secrets, and the
+//! compare-and-swap write of a new token into the target Secret.
+//!
+//! The target Secret is the home of the chain. Besides the token it carries, in
+//! annotations, the token's issue and expiry times and a fingerprint of the seed the
+//! chain descends from, so that after a restart the operator continues from it rather
+//! than from the (revoked) seed, and notices when a human puts a new seed in place.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use jiff::Timestamp;
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{Api, Resource, ResourceExt, api::PostParams};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    crd::{DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken},
+    policy::TokenTimes,
+    scg::SecretString,
+};
+
+/// Annotations of the target Secret that hold the chain's state.
+pub const EXPIRES_AT: &str = "scgtoken.io/expires-at";
+pub const ISSUED_AT: &str = "scgtoken.io/issued-at";
+pub const SEED_FINGERPRINT: &str = "scgtoken.io/seed-fingerprint";
+pub const TOKEN_FINGERPRINT: &str = "scgtoken.io/token-fingerprint";
+/// The data key the token was written under, so that changing `target.tokenKey` moves
+/// the token instead of losing it.
+pub const TOKEN_KEY: &str = "scgtoken.io/token-key";
+
+/// The consumer key, consumer secret and seed token of one SCG application.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub consumer_key: SecretString,
+    pub consumer_secret: SecretString,
+    pub seed: SecretString,
+    /// Extra request headers from `headersFrom`.
+    pub headers: Vec<(String, SecretString)>,
+}
+
+/// A token and what is known of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    pub token: SecretString,
+    pub times: TokenTimes,
+    /// Fingerprint of the seed the chain descends from.
+    pub seed_fingerprint: String,
+}
+
+/// What stands at the target Secret's name.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Absent,
+    /// A Secret without the ownership marker: never touched.
+    Foreign,
+    Owned(Box<Secret>),
+}
+
+/// Why the inputs of a chain cannot be read. Messages name Secrets and keys, never values.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    Missing(String),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+/// A short salted SHA-256 fingerprint (16 hex digits) of `value`, salted with the
+/// ScgToken's namespace and name: stable across restarts and re-creation of the
+/// ScgToken, different for the same token in another chain, and useless for guessing
+/// the token (tokens are long random strings).
+pub fn fingerprint(owner: &ScgToken, value: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(b"scgtoken.io/fingerprint/v1\0");
+    h.update(owner.namespace().unwrap_or_default().as_bytes());
+    h.update(b"/");
+    h.update(owner.name_any().as_bytes());
+    h.update(b"\0");
+    h.update(value.as_bytes());
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn value(secret: &Secret, key: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(key)?;
+    // Trailing newlines from `kubectl create secret --from-file` are not part of a token.
+    let s = String::from_utf8(bytes.0.clone()).ok()?;
+    let s = s.trim();
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+/// Reads the credentials Secret (and the `headersFrom` Secret, if any).
+pub async fn load_credentials(
+    api: &Api<Secret>,
+    owner: &ScgToken,
+) -> Result<Credentials, LoadError> {
+    let r = &owner.spec.credentials_secret_ref;
+    let secret = api
+        .get_opt(&r.name)
+        .await?
+        .ok_or_else(|| LoadError::Missing(format!("credentials Secret {:?} not found", r.name)))?;
+    let get = |key: &str| {
+        value(&secret, key).map(SecretString::new).ok_or_else(|| {
+            LoadError::Missing(format!(
+                "credentials Secret {:?} has no (non-empty) key {key:?}",
+                r.name
+            ))
+        })
+    };
+    let mut credentials = Credentials {
+        consumer_key: get(&r.consumer_key_key)?,
+        consumer_secret: get(&r.consumer_secret_key)?,
+        seed: get(&r.access_token_key)?,
+        headers: Vec::new(),
+    };
+    if let Some(h) = &owner.spec.headers_from {
+        let secret = api
+            .get_opt(&h.name)
+            .await?
+            .ok_or_else(|| LoadError::Missing(format!("headers Secret {:?} not found", h.name)))?;
+        for key in secret.data.iter().flat_map(|d| d.keys()) {
+            if let Some(v) = value(&secret, key) {
+                credentials
+                    .headers
+                    .push((key.clone(), SecretString::new(v)));
+            }
+        }
+    }
+    Ok(credentials)
+}
+
+/// Reads the target Secret.
+pub async fn load_target(api: &Api<Secret>, owner: &ScgToken) -> Result<Target, kube::Error> {
+    Ok(match api.get_opt(&owner.target_name()).await? {
+        None => Target::Absent,
+        Some(s) if is_owned_by(&s, owner) => Target::Owned(Box::new(s)),
+        Some(_) => Target::Foreign,
+    })
+}
+
+/// Whether a Secret carries the ownership marker of this ScgToken.
+pub fn is_owned_by(secret: &Secret, owner: &ScgToken) -> bool {
+    secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
+        && secret.annotations().get(OWNER_ANNOTATION) == Some(&owner.name_any())
+}
+
+/// The chain stored in an owned target Secret, if it holds one.
+pub fn stored_chain(secret: &Secret, owner: &ScgToken) -> Option<Chain> {
+    let a = secret.annotations();
+    let key = a
+        .get(TOKEN_KEY)
+        .cloned()
+        .unwrap_or_else(|| owner.spec.target.token_key.clone());
+    let time = |k: &str| a.get(k).and_then(|v| v.parse::<Timestamp>().ok());
+    Some(Chain {
+        token: SecretString::new(value(secret, &key)?),
+        times: TokenTimes {
+            issued_at: time(ISSUED_AT),
+            expires_at: time(EXPIRES_AT),
+        },
+        seed_fingerprint: a.get(SEED_FINGERPRINT)?.clone(),
+    })
+}
+
+/// The target Secret as it should be: `base` (the stored one, if any) with the chain's
+/// token and state and the spec's metadata laid over it. Keys and metadata it does not
+/// manage are kept.
+pub fn desired_secret(owner: &ScgToken, base: Option<&Secret>, chain: &Chain) -> Secret {
+    let t = &owner.spec.target;
+    let mut s = base.cloned().unwrap_or_else(|| Secret {
+        metadata: ObjectMeta {
+            name: Some(owner.target_name()),
+            namespace: owner.namespace(),
+            ..ObjectMeta::default()
+        },
+        type_: Some(t.type_.clone().unwrap_or_else(|| "Opaque".into())),
+        ..Secret::default()
+    });
+    let labels = s.labels_mut();
+    labels.extend(t.labels.clone());
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
+
+    let old_key = s.annotations().get(TOKEN_KEY).cloned();
+    let annotations = s.annotations_mut();
+    annotations.extend(t.annotations.clone());
+    let mut state = BTreeMap::from([
+        (OWNER_ANNOTATION, owner.name_any()),
+        (SEED_FINGERPRINT, chain.seed_fingerprint.clone()),
+        (TOKEN_FINGERPRINT, fingerprint(owner, chain.token.expose())),
+        (TOKEN_KEY, t.token_key.clone()),
+    ]);
+    if let Some(at) = chain.times.issued_at {
+        state.insert(ISSUED_AT, at.to_string());
+    }
+    if let Some(at) = chain.times.expires_at {
+        state.insert(EXPIRES_AT, at.to_string());
+    }
+    annotations.extend(state.into_iter().map(|(k, v)| (k.to_string(), v)));
+
+    let data = s.data.get_or_insert_with(BTreeMap::new);
+    if let Some(old) = old_key.filter(|k| *k != t.token_key) {
+        data.remove(&old);
+    }
+    data.insert(
+        t.token_key.clone(),
+        ByteString(chain.token.expose().as_bytes().to_vec()),
+    );
+    if let (Some(key), Some(at)) = (&t.expiry_key, chain.times.expires_at) {
+        data.insert(key.clone(), ByteString(at.to_string().into_bytes()));
+    }
+
+    let owner_ref = owner.controller_owner_ref(&()).map(|mut r| {
+        // Deleting the ScgToken must not wait for the Secret.
+        r.block_owner_deletion = None;
+        r
+    });
+    let refs = s.metadata.owner_references.get_or_insert_with(Vec::new);
+    let uid = owner.uid();
+    refs.retain(|r: &OwnerReference| Some(&r.uid) != uid.as_ref());
+    if let (DeletionPolicy::Delete, Some(r)) = (t.deletion_policy, owner_ref) {
+        refs.push(r);
+    }
+    if refs.is_empty() {
+        s.metadata.owner_references = None;
+    }
+    s
+}
+
+/// Why a write of the target Secret did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("Secret {0:?} exists and is not managed by this ScgToken")]
+    Foreign(String),
+    #[error("writing Secret {name:?} failed: {source}")]
+    Kube {
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// Attempts of one [`persist`] call; the caller keeps the token and retries later.
+const WRITE_ATTEMPTS: u32 = 4;
+
+/// Writes `chain` into the target Secret with compare-and-swap on the resourceVersion
+/// of `read` (the Secret as read before the refresh call). A conflict means someone else
+/// changed the Secret; since the token just received is the only valid one, it is laid
+/// over the fresh copy and written again. Retried quickly a few times.
+pub async fn persist(
+    api: &Api<Secret>,
+    owner: &ScgToken,
+    read: Option<&Secret>,
+    chain: &Chain,
+) -> Result<Secret, PersistError> {
+    let name = owner.target_name();
+    let mut current = read.cloned();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let desired = desired_secret(owner, current.as_ref(), chain);
+        let result = match &current {
+            Some(_) => api.replace(&name, &PostParams::default(), &desired).await,
+            None => api.create(&PostParams::default(), &desired).await,
+        };
+        let err = match result {
+            Ok(written) => return Ok(written),
+            Err(e) => e,
+        };
+        if attempt >= WRITE_ATTEMPTS {
+            return Err(PersistError::Kube { name, source: err });
+        }
+        let code = match &err {
+            kube::Error::Api(s) => Some(s.code),
+            _ => None,
+        };
+        if !matches!(code, Some(404 | 409)) {
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        // Re-read: a conflict, a vanished Secret or a failed write all want a fresh copy.
+        current = match api.get_opt(&name).await {
+            Ok(Some(s)) if is_owned_by(&s, owner) => Some(s),
+            Ok(Some(_)) => return Err(PersistError::Foreign(name)),
+            Ok(None) => None,
+            Err(_) => current,
+        };
+    }
+}
+
+/// Brings an existing target Secret's metadata (labels, annotations, owner reference)
+/// in line with the spec. Writes only when something differs; returns what it wrote.
+pub async fn sync_metadata(
+    api: &Api<Secret>,
+    owner: &ScgToken,
+    secret: &Secret,
+    chain: &Chain,
+) -> Result<Option<Secret>, PersistError> {
+    if desired_secret(owner, Some(secret), chain) == *secret {
+        return Ok(None);
+    }
+    persist(api, owner, Some(secret), chain).await.map(Some)
+}

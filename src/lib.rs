@@ -1,1 +1,138 @@
+//! scg-token-operator: keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
+//!
+//! The road a refresh travels: a watch event reaches [`reconcile`], which reads the chain
+//! ([`chain`]), asks [`policy`] whether a refresh is due, calls the API ([`scg`]), stores
+//! the new token ([`chain::persist`]) and reports ([`report`]).
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod chain;
+pub mod crd;
+pub mod leader;
+pub mod policy;
+pub mod reconcile;
+pub mod report;
+pub mod scg;
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use kube::runtime::events::{Recorder, Reporter};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tracing::info;
+
+/// Errors of a reconcile pass or of start-up. Messages never carry a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Persist(#[from] chain::PersistError),
+    #[error("leader election: {0}")]
+    Election(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("admin server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+}
+
+impl Error {
+    /// Bounded label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Persist(_) => "persist",
+            Error::Election(_) => "election",
+            Error::Io(_) => "io",
+            Error::HttpClient(_) => "http_client",
+        }
+    }
+}
+
+/// How to run the operator.
+pub struct Config {
+    /// Watch one namespace only; `None` watches all.
+    pub namespace: Option<String>,
+    /// Accept `http://` endpoints (tests and local trials only).
+    pub allow_insecure: bool,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` serves nothing.
+    pub admin_addr: Option<SocketAddr>,
+    /// Leader election; `None` makes this replica always lead.
+    pub election: Option<leader::ElectionConfig>,
+    /// Name of this replica in Events and the Lease.
+    pub identity: String,
+    pub token_api: Arc<dyn scg::TokenApi>,
+    pub clock: Arc<dyn policy::Clock>,
+}
+
+/// Runs the operator until `shutdown` resolves: then starts no new refresh, lets the one
+/// in flight finish with its Secret write, releases the Lease and returns.
+pub async fn run(
+    client: kube::Client,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        info!("shutting down: no new refreshes; finishing the one in flight");
+        stop_tx.send_replace(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(report::Metrics::register(&mut registry));
+    let state = admin::State::new(registry);
+    if let Some(addr) = config.admin_addr {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        info!(addr = %listener.local_addr()?, "admin server listening");
+        tokio::spawn(admin::serve(listener, state.clone(), stopped()));
+    }
+
+    let (leadership, election) = match config.election {
+        Some(election) => {
+            let m = metrics.clone();
+            let (l, task) = leader::elect(client.clone(), election, stopped(), move |leading| {
+                m.leader.set(i64::from(leading));
+            })
+            .await?;
+            (l, Some(task))
+        }
+        None => {
+            metrics.leader.set(1);
+            (leader::Leadership::always(), None)
+        }
+    };
+
+    let reporter = Reporter {
+        controller: "scg-token-operator".into(),
+        instance: Some(config.identity.clone()),
+    };
+    let ctx = Arc::new(reconcile::Context::new(
+        client.clone(),
+        config.token_api,
+        config.clock,
+        Recorder::new(client, reporter),
+        metrics,
+        leadership,
+        config.allow_insecure,
+    ));
+    let ready = state.clone();
+    use futures::StreamExt;
+    reconcile::controller(ctx, config.namespace.as_deref(), stopped(), move || {
+        info!("caches synced; ready");
+        ready.set_ready();
+    })
+    .for_each(|()| async {})
+    .await;
+    if let Some(task) = election {
+        let _ = task.await;
+    }
+    info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,159 @@
-fn main() {}
+//! The `scg-token-operator` binary: flags, telemetry, start-up.
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use scg_token_operator::{Config, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
+use tracing_subscriber::EnvFilter;
+
+/// Keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator.
+    Run(RunArgs),
+    /// Print the ScgToken CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Watch ScgTokens and Secrets in this namespace only (default: all namespaces).
+    #[arg(long, env = "SCG_NAMESPACE")]
+    namespace: Option<String>,
+    /// Accept plain http:// endpoints. For tests and local trials only: the refresh call
+    /// carries the consumer secret.
+    #[arg(long, env = "SCG_ALLOW_INSECURE_ENDPOINTS")]
+    allow_insecure_endpoints: bool,
+    /// Log format.
+    #[arg(long, env = "SCG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or tracing filter, e.g. `info` or `debug`.
+    #[arg(long, env = "SCG_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Address of the admin server (/metrics, /healthz, /readyz).
+    #[arg(long, env = "SCG_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Elect a leader among replicas with a Lease; only the leader refreshes.
+    #[arg(long, env = "SCG_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Name of the Lease.
+    #[arg(long, env = "SCG_LEASE_NAME", default_value = "scg-token-operator")]
+    lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// Lease duration in seconds: a standby takes over at most this long after the
+    /// leader dies.
+    #[arg(long, env = "SCG_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Name of this replica (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    let mut filter = EnvFilter::try_new(level).map_err(|e| format!("--log-level: {e}"))?;
+    // HTTP client internals may log request URLs, and refresh URLs carry secrets:
+    // keep them quiet whatever level was asked for.
+    for quiet in [
+        "reqwest=warn",
+        "hyper=warn",
+        "hyper_util=warn",
+        "rustls=warn",
+    ] {
+        filter = filter.add_directive(quiet.parse().map_err(|e| format!("{e}"))?);
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(args: RunArgs) -> Result<(), String> {
+    init_logging(args.log_format, &args.log_level)?;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("scg-token-operator-{}", std::process::id()));
+    let election = args.leader_elect.then(|| ElectionConfig {
+        namespace: args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        name: args.lease_name.clone(),
+        identity: identity.clone(),
+        duration: Duration::from_secs(args.lease_duration_seconds),
+    });
+    let token_api = HttpTokenApi::new().map_err(|e| format!("HTTP client: {e}"))?;
+    let config = Config {
+        namespace: args.namespace.filter(|n| !n.is_empty()),
+        allow_insecure: args.allow_insecure_endpoints,
+        admin_addr: Some(args.admin_addr),
+        election,
+        identity,
+        token_api: Arc::new(token_api),
+        clock: Arc::new(policy::SystemClock),
+    };
+    scg_token_operator::run(client, config, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => {
+            print!("{}", crd::crd_yaml());
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("scg-token-operator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,731 @@
+//! The refresh reconciler: reads the chain, asks [`policy`] what to do, calls the API,
+//! stores the token, reports. It orchestrates; every rule lives in the modules it calls.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use futures::{Stream, StreamExt};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    core::PartialObjectMeta,
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::Action,
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
+};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    Error,
+    chain::{self, Chain, LoadError, Target},
+    crd::{REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenStatus},
+    leader::Leadership,
+    policy::{self, Clock, Decision, FailureKind, Inputs, TokenTimes},
+    report::{self, Metrics, Reason, RefreshLabels, TokenLabels},
+    scg::{Endpoint, RefreshError, RefreshRequest, TokenApi},
+};
+
+/// Field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "scg-token-operator";
+/// At most one `Refreshed` Event per token in this interval; short lifetimes must not
+/// flood the API with Events. Failures and recoveries are always reported.
+pub const REFRESHED_EVENT_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Everything a reconcile needs; tests build it with fakes.
+pub struct Context {
+    pub client: kube::Client,
+    pub token_api: Arc<dyn TokenApi>,
+    pub clock: Arc<dyn Clock>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub leadership: Leadership,
+    /// Accept `http://` endpoints (tests and local trials only).
+    pub allow_insecure: bool,
+    chains: Mutex<HashMap<Key, Remembered>>,
+    refreshed_events: Mutex<HashMap<Key, Timestamp>>,
+}
+
+type Key = (String, String);
+
+/// The newest token of a chain, kept in memory. `persisted == false` means it was
+/// received but not yet stored: no refresh call happens until it is.
+#[derive(Clone)]
+struct Remembered {
+    chain: Chain,
+    persisted: bool,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        token_api: Arc<dyn TokenApi>,
+        clock: Arc<dyn Clock>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+        leadership: Leadership,
+        allow_insecure: bool,
+    ) -> Self {
+        Context {
+            client,
+            token_api,
+            clock,
+            recorder,
+            metrics,
+            leadership,
+            allow_insecure,
+            chains: Mutex::default(),
+            refreshed_events: Mutex::default(),
+        }
+    }
+
+    fn remembered(&self, key: &Key) -> Option<Remembered> {
+        self.chains.lock().ok()?.get(key).cloned()
+    }
+
+    fn remember(&self, key: &Key, chain: Chain, persisted: bool) {
+        if let Ok(mut m) = self.chains.lock() {
+            m.insert(key.clone(), Remembered { chain, persisted });
+        }
+    }
+
+    /// Whether a token received but not yet stored is held for this chain.
+    pub fn has_pending(&self, namespace: &str, name: &str) -> bool {
+        self.remembered(&(namespace.into(), name.into()))
+            .is_some_and(|r| !r.persisted)
+    }
+
+    fn forget(&self, key: &Key) {
+        if let Ok(mut m) = self.chains.lock() {
+            // A token still unpersisted is never dropped.
+            if m.get(key).is_some_and(|r| r.persisted) {
+                m.remove(key);
+            }
+        }
+        if let Ok(mut m) = self.refreshed_events.lock() {
+            m.remove(key);
+        }
+    }
+
+    /// Whether a `Refreshed` Event may be published now (and records that it was).
+    fn refreshed_event_due(&self, key: &Key, now: Timestamp) -> bool {
+        let Ok(mut m) = self.refreshed_events.lock() else {
+            return false;
+        };
+        let interval = SignedDuration::try_from(REFRESHED_EVENT_INTERVAL).unwrap_or_default();
+        match m.get(key) {
+            Some(last) if *last + interval > now => false,
+            _ => {
+                m.insert(key.clone(), now);
+                true
+            }
+        }
+    }
+}
+
+/// Reconciles one ScgToken.
+pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let namespace = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    let result = Pass::new(&obj, &ctx, namespace, name)
+        .run()
+        .instrument(span)
+        .await;
+    ctx.metrics.reconciles.inc();
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        ctx.metrics
+            .reconcile_errors
+            .get_or_create(&report::ErrorLabels { error: e.label() })
+            .inc();
+    }
+    result
+}
+
+/// Requeue after a failed pass. A token waiting to be stored is retried quickly.
+pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(
+        namespace = obj.namespace().unwrap_or_default(),
+        name = obj.name_any(),
+        error = %error,
+        "reconcile failed"
+    );
+    let pending = ctx.has_pending(&obj.namespace().unwrap_or_default(), &obj.name_any());
+    Action::requeue(if pending {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    })
+}
+
+/// One reconcile pass over one ScgToken.
+struct Pass<'a> {
+    obj: &'a ScgToken,
+    ctx: &'a Context,
+    key: Key,
+    secrets: Api<Secret>,
+    now: Timestamp,
+    prev: ScgTokenStatus,
+    next: ScgTokenStatus,
+    events: Vec<Event>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(obj: &'a ScgToken, ctx: &'a Context, namespace: String, name: String) -> Self {
+        let prev = obj.status.clone().unwrap_or_default();
+        let mut next = prev.clone();
+        next.observed_generation = obj.metadata.generation;
+        next.target_secret = Some(obj.target_name());
+        Pass {
+            obj,
+            ctx,
+            secrets: Api::namespaced(ctx.client.clone(), &namespace),
+            key: (namespace, name),
+            now: ctx.clock.now(),
+            prev,
+            next,
+            events: Vec::new(),
+        }
+    }
+
+    async fn run(mut self) -> Result<Action, Error> {
+        if self.obj.metadata.deletion_timestamp.is_some() {
+            self.ctx.forget(&self.key);
+            return Ok(Action::await_change());
+        }
+        if !self.ctx.leadership.is_leader() {
+            // Standby: becoming leader re-reconciles every ScgToken.
+            return Ok(Action::await_change());
+        }
+        let spec = &self.obj.spec;
+        let checked = policy::validate(spec).and_then(|s| {
+            Endpoint::parse(&spec.endpoint, self.ctx.allow_insecure)
+                .map(|e| (s, e))
+                .map_err(policy::InvalidSpec)
+        });
+        let (settings, endpoint) = match checked {
+            Ok(ok) => ok,
+            Err(e) => {
+                self.next.next_refresh_at = None;
+                return self.finish(Reason::InvalidSpec, e.0, None).await;
+            }
+        };
+        if spec.suspend {
+            self.next.next_refresh_at = None;
+            let msg = "refreshing is suspended; the target Secret keeps its last token".into();
+            return self.finish(Reason::Suspended, msg, None).await;
+        }
+
+        let mut target = chain::load_target(&self.secrets, self.obj).await?;
+        // A token received earlier and not yet stored goes first: nothing else happens
+        // for this chain until it is safe.
+        if let Some(pending) = self.ctx.remembered(&self.key).filter(|r| !r.persisted) {
+            let base = match &target {
+                Target::Owned(s) => Some(s.as_ref()),
+                _ => None,
+            };
+            match chain::persist(&self.secrets, self.obj, base, &pending.chain).await {
+                Ok(written) => {
+                    info!("stored the token held in memory");
+                    self.ctx.remember(&self.key, pending.chain, true);
+                    target = Target::Owned(Box::new(written));
+                }
+                Err(e) => return self.pending(e).await,
+            }
+        }
+        let mut base = match target {
+            Target::Foreign => {
+                self.next.next_refresh_at = None;
+                let msg = format!(
+                    "Secret {:?} exists and was not created for this ScgToken; delete it or \
+                     set spec.target.name to another name",
+                    self.obj.target_name()
+                );
+                return self.finish(Reason::TargetConflict, msg, None).await;
+            }
+            Target::Absent => None,
+            Target::Owned(s) => Some(*s),
+        };
+
+        let credentials = match chain::load_credentials(&self.secrets, self.obj).await {
+            Ok(c) => c,
+            Err(LoadError::Missing(msg)) => {
+                self.next.next_refresh_at = None;
+                return self.finish(Reason::CredentialsNotFound, msg, None).await;
+            }
+            Err(LoadError::Kube(e)) => return Err(Error::Kube(e)),
+        };
+        let seed_fingerprint = chain::fingerprint(self.obj, credentials.seed.expose());
+
+        // Which token does the chain stand on? The target Secret's, if it descends from
+        // the current seed; else the one in memory (the Secret was deleted); else the
+        // seed itself: a new chain.
+        let stored = base
+            .as_ref()
+            .and_then(|s| chain::stored_chain(s, self.obj))
+            .filter(|c| c.seed_fingerprint == seed_fingerprint);
+        let mut rotated = false;
+        let current = match stored {
+            Some(c) => {
+                if let Some(s) = &base
+                    && let Some(written) =
+                        chain::sync_metadata(&self.secrets, self.obj, s, &c).await?
+                {
+                    base = Some(written);
+                }
+                c
+            }
+            None => match self
+                .ctx
+                .remembered(&self.key)
+                .filter(|r| r.chain.seed_fingerprint == seed_fingerprint)
+            {
+                Some(r) => {
+                    info!(
+                        secret = self.obj.target_name(),
+                        "restoring the target Secret from memory"
+                    );
+                    match chain::persist(&self.secrets, self.obj, base.as_ref(), &r.chain).await {
+                        Ok(written) => base = Some(written),
+                        Err(e) => return self.pending(e).await,
+                    }
+                    r.chain
+                }
+                None => {
+                    rotated = base
+                        .as_ref()
+                        .and_then(|s| chain::stored_chain(s, self.obj))
+                        .is_some();
+                    Chain {
+                        token: credentials.seed.clone(),
+                        times: TokenTimes::default(),
+                        seed_fingerprint: seed_fingerprint.clone(),
+                    }
+                }
+            },
+        };
+
+        let inputs_fingerprint = chain::fingerprint(
+            self.obj,
+            &format!(
+                "{}\0{}\0{}",
+                credentials.consumer_key.expose(),
+                credentials.consumer_secret.expose(),
+                current.token.expose()
+            ),
+        );
+        let request = self
+            .obj
+            .annotations()
+            .get(REFRESH_REQUEST_ANNOTATION)
+            .cloned();
+        let requested = request.is_some() && request != self.prev.last_refresh_request;
+        let inputs_changed = self.obj.metadata.generation != self.prev.observed_generation
+            || self.prev.credentials_fingerprint.as_ref() != Some(&inputs_fingerprint);
+        let jitter_key = policy::jitter_key(&self.obj.uid().unwrap_or_default());
+        self.next.credentials_fingerprint = Some(inputs_fingerprint);
+        self.show_chain(&current);
+
+        let decision = policy::decide(&Inputs {
+            now: self.now,
+            settings: &settings,
+            token: current.times,
+            failures: self.prev.consecutive_failures,
+            retry_at: self.prev.next_refresh_at.as_ref().map(|t| t.0),
+            inputs_changed,
+            requested,
+            jitter_key,
+        });
+        if let Decision::Wait(until) = decision {
+            return self.wait(&current, until).await;
+        }
+
+        if !self.ctx.leadership.confirm(self.now).await {
+            warn!("not refreshing: the leader lease is not held with a safe margin");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        if requested {
+            info!("refresh requested by annotation");
+            self.next.last_refresh_request = request;
+        }
+        let call_started = Instant::now();
+        let result = self
+            .ctx
+            .token_api
+            .refresh(&RefreshRequest {
+                endpoint: &endpoint,
+                consumer_key: &credentials.consumer_key,
+                consumer_secret: &credentials.consumer_secret,
+                old_token: &current.token,
+                validity: settings.validity,
+                headers: &credentials.headers,
+                timeout: settings.timeout,
+            })
+            .await;
+        self.ctx
+            .metrics
+            .refresh_duration
+            .observe(call_started.elapsed().as_secs_f64());
+        let refreshed = match result {
+            Ok(r) => r,
+            Err(e) => return self.failed(e, &current, jitter_key).await,
+        };
+        self.count_refresh("success");
+
+        let issued_at = self.ctx.clock.now();
+        // A lifetime of zero means a token that does not expire: schedule it by the
+        // requested validity anyway, so it keeps being rotated.
+        let lifetime = if refreshed.lifetime.is_zero() {
+            settings.validity
+        } else {
+            refreshed.lifetime
+        };
+        let new = Chain {
+            token: refreshed.token,
+            times: TokenTimes {
+                issued_at: Some(issued_at),
+                expires_at: Some(
+                    issued_at + SignedDuration::try_from(lifetime).unwrap_or(SignedDuration::MAX),
+                ),
+            },
+            seed_fingerprint,
+        };
+        // From here on the old token may be dead: the new one is the chain.
+        self.ctx.remember(&self.key, new.clone(), false);
+        match chain::persist(&self.secrets, self.obj, base.as_ref(), &new).await {
+            Ok(_) => self.ctx.remember(&self.key, new.clone(), true),
+            Err(e) => {
+                self.show_chain(&new);
+                return self.pending(e).await;
+            }
+        }
+        info!(
+            expires_at = %new.times.expires_at.unwrap_or(issued_at),
+            "token refreshed and stored"
+        );
+
+        let failures = self.prev.consecutive_failures;
+        self.next.consecutive_failures = 0;
+        self.show_chain(&new);
+        let due = policy::next_refresh(&settings, new.times, jitter_key);
+        self.next.next_refresh_at = due.map(Time);
+        if rotated {
+            self.event(EventType::Normal, "SeedRotated", "a new seed token was found in the credentials Secret; started a new token chain from it".into());
+        }
+        if failures > 0 {
+            self.event(
+                EventType::Normal,
+                "Recovered",
+                format!("token refreshed after {failures} failed attempts"),
+            );
+        }
+        if self.ctx.refreshed_event_due(&self.key, self.now) {
+            let msg = format!(
+                "token refreshed into Secret {:?}; valid for {}s",
+                self.obj.target_name(),
+                lifetime.as_secs()
+            );
+            self.event(EventType::Normal, "Refreshed", msg);
+        }
+        let msg = self.valid_message(&new, due);
+        self.finish(Reason::Refreshed, msg, due).await
+    }
+
+    /// Nothing due: make status show the chain and sleep until `until`.
+    async fn wait(mut self, current: &Chain, until: Timestamp) -> Result<Action, Error> {
+        self.next.next_refresh_at = Some(Time(until));
+        let expires_at = current.times.expires_at;
+        let expired = expires_at.is_some_and(|e| e <= self.now);
+        let failing = self.prev.consecutive_failures > 0;
+        let (reason, msg) = match self.prev_ready() {
+            _ if expired => (
+                Reason::Expired,
+                format!(
+                    "the token expired at {}; next attempt at {until}",
+                    expires_at.unwrap_or(self.now)
+                ),
+            ),
+            Some((reason, msg)) if failing && reason != Reason::Expired => (reason, msg),
+            _ => (Reason::Refreshed, self.valid_message(current, Some(until))),
+        };
+        // Wake up at expiry too, so the condition says Expired on time.
+        let wake = expires_at
+            .filter(|e| *e > self.now && *e < until)
+            .unwrap_or(until);
+        self.finish(reason, msg, Some(wake)).await
+    }
+
+    /// The refresh call failed: back off by kind, capped by the expiry.
+    async fn failed(
+        mut self,
+        e: RefreshError,
+        current: &Chain,
+        jitter_key: u64,
+    ) -> Result<Action, Error> {
+        self.count_refresh(e.label());
+        let (kind, reason) = match &e {
+            RefreshError::Rejected { .. } => (FailureKind::Rejected, Reason::Rejected),
+            RefreshError::RateLimited { retry_after } => (
+                FailureKind::Unavailable {
+                    retry_after: *retry_after,
+                },
+                Reason::Unavailable,
+            ),
+            RefreshError::InvalidResponse(_) => (
+                FailureKind::Unavailable { retry_after: None },
+                Reason::InvalidResponse,
+            ),
+            RefreshError::Unavailable { .. }
+            | RefreshError::Timeout(_)
+            | RefreshError::Transport(_) => (
+                FailureKind::Unavailable { retry_after: None },
+                Reason::Unavailable,
+            ),
+        };
+        let failures = self.prev.consecutive_failures.saturating_add(1);
+        let expires_at = current.times.expires_at;
+        let retry = policy::retry_at(self.now, kind, failures, expires_at, jitter_key);
+        let expired = expires_at.is_some_and(|t| t <= self.now);
+        let validity = match expires_at {
+            Some(t) if expired => format!("the token expired at {t}"),
+            Some(t) => format!("the current token stays valid until {t}"),
+            None => "the seed token's expiry is unknown".into(),
+        };
+        let msg = format!("{e}; attempt {failures} failed, next at {retry}; {validity}");
+        warn!(error = %e, failures, retry_at = %retry, "refresh failed");
+        self.next.consecutive_failures = failures;
+        self.next.last_failure_at = Some(Time(self.now));
+        self.next.next_refresh_at = Some(Time(retry));
+        let reason = if expired { Reason::Expired } else { reason };
+        self.finish(reason, msg, Some(retry)).await
+    }
+
+    /// A token is held in memory because the target Secret could not be written.
+    async fn pending(self, e: chain::PersistError) -> Result<Action, Error> {
+        let msg =
+            format!("a new token was received and is held in memory until it can be stored: {e}");
+        warn!(error = %e, "could not store the new token; holding it in memory");
+        // Best effort: the API server may be the thing that is failing.
+        let _ = self.finish(Reason::Pending, msg, None).await;
+        Err(Error::Persist(e))
+    }
+
+    fn valid_message(&self, chain: &Chain, next: Option<Timestamp>) -> String {
+        match (chain.times.expires_at, next) {
+            (Some(e), Some(n)) => format!("token valid until {e}; next refresh at {n}"),
+            (Some(e), None) => format!("token valid until {e}"),
+            _ => "the seed token is being refreshed".into(),
+        }
+    }
+
+    fn show_chain(&mut self, chain: &Chain) {
+        self.next.expires_at = chain.times.expires_at.map(Time);
+        self.next.last_refresh_at = chain.times.issued_at.map(Time);
+        self.next.token_fingerprint = Some(chain::fingerprint(self.obj, chain.token.expose()));
+    }
+
+    fn prev_ready(&self) -> Option<(Reason, String)> {
+        let c = self.obj.ready_condition()?;
+        let reason = [
+            Reason::Refreshed,
+            Reason::Pending,
+            Reason::CredentialsNotFound,
+            Reason::InvalidSpec,
+            Reason::Rejected,
+            Reason::Unavailable,
+            Reason::InvalidResponse,
+            Reason::Expired,
+            Reason::Suspended,
+            Reason::TargetConflict,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == c.reason)?;
+        Some((reason, c.message.clone()))
+    }
+
+    fn count_refresh(&self, result: &'static str) {
+        self.ctx
+            .metrics
+            .refreshes
+            .get_or_create(&RefreshLabels {
+                namespace: self.key.0.clone(),
+                name: self.key.1.clone(),
+                result,
+            })
+            .inc();
+    }
+
+    fn event(&mut self, type_: EventType, reason: &str, note: String) {
+        self.events.push(Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Refresh".into(),
+            secondary: None,
+        });
+    }
+
+    /// Sets `Ready`, writes status if it changed, publishes Events on transitions and
+    /// updates metrics. Requeues at `wake`, or waits for a change.
+    async fn finish(
+        mut self,
+        reason: Reason,
+        message: String,
+        wake: Option<Timestamp>,
+    ) -> Result<Action, Error> {
+        let previous = self.obj.ready_condition();
+        if previous.map(|c| c.reason.as_str()) != Some(reason.as_str()) {
+            let type_ = match reason {
+                Reason::Refreshed | Reason::Suspended => EventType::Normal,
+                _ => EventType::Warning,
+            };
+            // Successes are announced by Refreshed/Recovered above.
+            if reason != Reason::Refreshed {
+                self.event(type_, reason.as_str(), message.clone());
+            } else if previous.is_some_and(|c| c.reason == Reason::Suspended.as_str()) {
+                self.event(type_, "Resumed", "refreshing resumed".into());
+            }
+        }
+        self.next.conditions = vec![report::ready_condition(
+            previous,
+            reason,
+            message,
+            self.obj.metadata.generation,
+            self.now,
+        )];
+        let labels = TokenLabels {
+            namespace: self.key.0.clone(),
+            name: self.key.1.clone(),
+        };
+        self.ctx.metrics.set_token(
+            &labels,
+            self.next.expires_at.as_ref().map(|t| t.0),
+            self.next.next_refresh_at.as_ref().map(|t| t.0),
+            reason.is_ready(),
+            self.next.consecutive_failures,
+        );
+        if self.next != self.prev {
+            let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.0);
+            let patch = serde_json::json!({
+                "apiVersion": "scgtoken.io/v1alpha1",
+                "kind": "ScgToken",
+                "status": self.next,
+            });
+            api.patch_status(
+                &self.key.1,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+        }
+        let reference = self.obj.object_ref(&());
+        for event in &self.events {
+            if let Err(e) = self.ctx.recorder.publish(event, &reference).await {
+                warn!(error = %e, reason = event.reason, "could not publish an Event");
+            }
+        }
+        Ok(match wake {
+            Some(at) => Action::requeue(
+                self.ctx
+                    .clock
+                    .now()
+                    .duration_until(at)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO),
+            ),
+            None => Action::await_change(),
+        })
+    }
+}
+
+/// The ScgTokens in `store` that name `secret` (as credentials, headers or target).
+fn referencing(
+    store: &Store<ScgToken>,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<ScgToken>> {
+    let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
+        return Vec::new();
+    };
+    store
+        .state()
+        .iter()
+        .filter(|t| t.metadata.namespace.as_ref() == Some(ns))
+        .filter(|t| {
+            let s = &t.spec;
+            s.credentials_secret_ref.name == *name
+                || s.headers_from.as_ref().is_some_and(|h| h.name == *name)
+                || t.target_name() == *name
+        })
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// The controller: ScgTokens, plus a metadata-only watch of Secrets (never their data)
+/// mapped to the ScgTokens that reference them. Runs until `shutdown` resolves, letting
+/// in-flight reconciles (and so any refresh and its Secret write) finish.
+pub fn controller(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ready: impl FnOnce() + Send + 'static,
+) -> impl Stream<Item = ()> {
+    let client = ctx.client.clone();
+    let (tokens, secrets): (Api<ScgToken>, Api<PartialObjectMeta<Secret>>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let ctrl = Controller::new(tokens, watcher::Config::default());
+    let store = ctrl.store();
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            ready();
+        }
+    });
+    let secret_events = watcher(secrets, watcher::Config::default()).touched_objects();
+    let mut ctrl = ctrl.watches_stream(secret_events, move |s| referencing(&store, &s));
+    if let Some(mut rx) = ctx.leadership.changes() {
+        let became_leader = async_stream(move |tx| async move {
+            while rx.changed().await.is_ok() {
+                if *rx.borrow_and_update() && tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        ctrl = ctrl.reconcile_all_on(became_leader);
+    }
+    ctrl.graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .filter_map(|r| async move {
+            if let Err(e) = r {
+                warn!(error = %e, "controller");
+            }
+            Some(())
+        })
+}
+
+/// A stream fed by a task through an unbounded channel.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = ()> + Send
+where
+    F: FnOnce(tokio::sync::mpsc::UnboundedSender<()>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(f(tx));
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}

@@ -1,0 +1,266 @@
+//! What the operator tells people: the `Ready` condition, Events and Prometheus metrics.
+//! Nothing here ever receives a credential or a token: only reasons, names and times.
+
+use std::sync::atomic::AtomicU64;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Why `Ready` is what it is. Each has a fixed name used as condition reason, Event
+/// reason and metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The target Secret holds a fresh token; refreshes are on schedule.
+    Refreshed,
+    /// A token was received and is held in memory until the target Secret accepts it.
+    Pending,
+    CredentialsNotFound,
+    InvalidSpec,
+    /// The API refused the refresh (4xx).
+    Rejected,
+    /// The API or the network failed (5xx, 429, timeouts, connection errors).
+    Unavailable,
+    /// The API answered 2xx with a body that is not a token response.
+    InvalidResponse,
+    /// The current token has expired and no new one could be obtained.
+    Expired,
+    Suspended,
+    /// The target Secret exists and is not managed by this ScgToken.
+    TargetConflict,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Refreshed => "Refreshed",
+            Reason::Pending => "Pending",
+            Reason::CredentialsNotFound => "CredentialsNotFound",
+            Reason::InvalidSpec => "InvalidSpec",
+            Reason::Rejected => "Rejected",
+            Reason::Unavailable => "Unavailable",
+            Reason::InvalidResponse => "InvalidResponse",
+            Reason::Expired => "Expired",
+            Reason::Suspended => "Suspended",
+            Reason::TargetConflict => "TargetConflict",
+        }
+    }
+
+    /// Whether `Ready` is `True` with this reason.
+    pub fn is_ready(self) -> bool {
+        self == Reason::Refreshed
+    }
+}
+
+/// The `Ready` condition for `reason`, keeping `lastTransitionTime` of `previous` when the
+/// condition's status did not change (so an unchanged state never causes a write).
+pub fn ready_condition(
+    previous: Option<&Condition>,
+    reason: Reason,
+    message: String,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Condition {
+    let status = if reason.is_ready() { "True" } else { "False" };
+    let last_transition_time = previous
+        .filter(|p| p.status == status)
+        .map(|p| p.last_transition_time.clone())
+        .unwrap_or(Time(now));
+    Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.as_str().into(),
+        message,
+        last_transition_time,
+        observed_generation: generation,
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefreshLabels {
+    pub namespace: String,
+    pub name: String,
+    /// `success` or a [`crate::scg::RefreshError::label`].
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// A [`crate::Error::label`].
+    pub error: &'static str,
+}
+
+/// Every metric the operator exports. Label values are ScgToken namespaces and names and
+/// fixed words: never a secret, a URL or an error text.
+pub struct Metrics {
+    pub expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
+    pub next_refresh: Family<TokenLabels, Gauge<f64, AtomicU64>>,
+    pub ready: Family<TokenLabels, Gauge>,
+    pub consecutive_failures: Family<TokenLabels, Gauge>,
+    pub refreshes: Family<RefreshLabels, Counter>,
+    pub refresh_duration: Histogram,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `scgtoken` prefix.
+    pub fn register(registry: &mut Registry) -> Metrics {
+        let buckets =
+            || Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let m = Metrics {
+            expiry: Family::default(),
+            next_refresh: Family::default(),
+            ready: Family::default(),
+            consecutive_failures: Family::default(),
+            refreshes: Family::default(),
+            refresh_duration: buckets(),
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: buckets(),
+            leader: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("scgtoken");
+        r.register(
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the current token expires",
+            m.expiry.clone(),
+        );
+        r.register(
+            "next_refresh_timestamp_seconds",
+            "Unix time of the next scheduled refresh or retry",
+            m.next_refresh.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the ScgToken's Ready condition is True",
+            m.ready.clone(),
+        );
+        r.register(
+            "consecutive_failures",
+            "Refresh attempts that failed in a row",
+            m.consecutive_failures.clone(),
+        );
+        r.register("refreshes", "Refresh calls by result", m.refreshes.clone());
+        r.register(
+            "refresh_duration_seconds",
+            "Duration of refresh calls to the SCG API",
+            m.refresh_duration.clone(),
+        );
+        r.register("reconciles", "Reconcile passes", m.reconciles.clone());
+        r.register(
+            "reconcile_errors",
+            "Reconcile passes that ended in an error, by error kind",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Duration of reconcile passes",
+            m.reconcile_duration.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
+        m
+    }
+
+    /// Publishes the per-token gauges.
+    pub fn set_token(
+        &self,
+        labels: &TokenLabels,
+        expires: Option<Timestamp>,
+        next: Option<Timestamp>,
+        ready: bool,
+        failures: u32,
+    ) {
+        let secs = |t: Option<Timestamp>| t.map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
+        self.expiry.get_or_create(labels).set(secs(expires));
+        self.next_refresh.get_or_create(labels).set(secs(next));
+        self.ready.get_or_create(labels).set(i64::from(ready));
+        self.consecutive_failures
+            .get_or_create(labels)
+            .set(i64::from(failures));
+    }
+
+    /// Drops the series of a deleted ScgToken.
+    pub fn forget(&self, labels: &TokenLabels) {
+        self.expiry.remove(labels);
+        self.next_refresh.remove(labels);
+        self.ready.remove(labels);
+        self.consecutive_failures.remove(labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_time_moves_only_when_status_flips() {
+        let t0 = Timestamp::from_second(1_000).unwrap();
+        let t1 = Timestamp::from_second(2_000).unwrap();
+        let first = ready_condition(None, Reason::Rejected, "no".into(), Some(1), t0);
+        assert_eq!(first.status, "False");
+        let same = ready_condition(Some(&first), Reason::Unavailable, "x".into(), Some(1), t1);
+        assert_eq!(same.last_transition_time, Time(t0));
+        assert_eq!(same.reason, "Unavailable");
+        let flipped = ready_condition(Some(&same), Reason::Refreshed, "ok".into(), Some(1), t1);
+        assert_eq!(
+            (flipped.status.as_str(), flipped.last_transition_time),
+            ("True", Time(t1))
+        );
+    }
+
+    #[test]
+    fn metrics_render_with_bounded_labels() {
+        let mut registry = Registry::default();
+        let m = Metrics::register(&mut registry);
+        let labels = TokenLabels {
+            namespace: "ns".into(),
+            name: "tok".into(),
+        };
+        m.set_token(
+            &labels,
+            Some(Timestamp::from_second(100).unwrap()),
+            None,
+            true,
+            0,
+        );
+        m.refreshes
+            .get_or_create(&RefreshLabels {
+                namespace: "ns".into(),
+                name: "tok".into(),
+                result: "success",
+            })
+            .inc();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        for needle in [
+            "scgtoken_token_expiry_timestamp_seconds{namespace=\"ns\",name=\"tok\"} 100.0",
+            "scgtoken_ready{namespace=\"ns\",name=\"tok\"} 1",
+            "scgtoken_refreshes_total{namespace=\"ns\",name=\"tok\",result=\"success\"} 1",
+            "# TYPE scgtoken_refresh_duration_seconds histogram",
+            "scgtoken_leader 0",
+        ] {
+            assert!(out.contains(needle), "missing {needle} in\n{out}");
+        }
+        m.forget(&labels);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(!out.contains("scgtoken_ready{"), "{out}");
+    }
+}

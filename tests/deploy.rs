@@ -460,8 +460,7 @@ fn deployment_is_hardened_and_probed_on_the_admin_port() {
         let args = strs(get(c, "args"));
         assert_eq!(args.first(), Some(&"run"), "{setup}: {args:?}");
         assert!(
-            args.iter()
-                .any(|a| *a == "--leader-elect" || *a == "--leader-elect=true"),
+            args.contains(&"--leader-elect=true"),
             "{setup}: leader election must be on with 2 replicas: {args:?}"
         );
         for (var, field) in [
@@ -599,6 +598,27 @@ fn prometheus_overlay_monitors_the_metrics_service() {
     for setup in ["base", "overlays/namespaced"] {
         let Some(objs) = render(setup) else { return };
         assert!(of_kind(&objs, "ServiceMonitor").is_empty(), "{setup}");
+    }
+}
+
+#[test]
+fn deployment_args_are_accepted_by_the_operator() {
+    // Only the command line is checked: with --help last, clap parses and validates the
+    // arguments before it, prints the help and exits 0 without starting anything.
+    for setup in SETUPS {
+        let Some(objs) = render(setup) else { return };
+        let args = strs(get(operator_container(one(&objs, "Deployment")), "args"));
+        let out = Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+            .args(&args)
+            .arg("--help")
+            .env_clear()
+            .output()
+            .expect("run the operator binary");
+        assert!(
+            out.status.success(),
+            "deploy/{setup}: the operator rejects {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 

@@ -622,6 +622,19 @@ fn deployment_args_are_accepted_by_the_operator() {
     }
 }
 
+fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
+    let Some(map) = value.as_mapping() else {
+        return;
+    };
+    for (key, child) in map {
+        let key = key.as_str().unwrap();
+        let sub = get(schema, "properties")
+            .get(key)
+            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
+        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
+    }
+}
+
 fn example(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join("examples").join(name)).unwrap();
     parse_docs(&text)
@@ -650,6 +663,23 @@ fn examples_fit_together() {
     );
     let target = s(token, "spec.target.name");
     assert_eq!(target, "messaging-scg-token");
+
+    // Every field the example sets exists in the committed CRD's schema.
+    let crd_path = repo().join("crds/scgtoken.yaml");
+    match std::fs::read_to_string(&crd_path) {
+        Ok(text) => {
+            let crd = &parse_docs(&text)[0];
+            let version = seq(get(crd, "spec.versions"))
+                .iter()
+                .find(|v| get(v, "name") == "v1alpha1")
+                .expect("CRD version v1alpha1");
+            let schema = get(version, "schema.openAPIV3Schema.properties.spec");
+            assert_fields_in_schema(get(token, "spec"), schema, "spec");
+        }
+        Err(_) => {
+            eprintln!("*** WARNING: crds/scgtoken.yaml missing; example spec not checked ***")
+        }
+    }
 
     let deploy = &example("consumer-deployment.yaml")[0];
     assert_eq!(name_of(deploy), "Deployment/messaging-client");

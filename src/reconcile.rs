@@ -317,15 +317,7 @@ impl<'a> Pass<'a> {
             },
         };
 
-        let inputs_fingerprint = chain::fingerprint(
-            self.obj,
-            &format!(
-                "{}\0{}\0{}",
-                credentials.consumer_key.expose(),
-                credentials.consumer_secret.expose(),
-                current.token.expose()
-            ),
-        );
+        let attempt_fingerprint = inputs_fingerprint(self.obj, &credentials, &current);
         let request = self
             .obj
             .annotations()
@@ -333,9 +325,9 @@ impl<'a> Pass<'a> {
             .cloned();
         let requested = request.is_some() && request != self.prev.last_refresh_request;
         let inputs_changed = self.obj.metadata.generation != self.prev.observed_generation
-            || self.prev.credentials_fingerprint.as_ref() != Some(&inputs_fingerprint);
+            || self.prev.credentials_fingerprint.as_ref() != Some(&attempt_fingerprint);
         let jitter_key = policy::jitter_key(&self.obj.uid().unwrap_or_default());
-        self.next.credentials_fingerprint = Some(inputs_fingerprint);
+        self.next.credentials_fingerprint = Some(attempt_fingerprint);
         self.show_chain(&current);
 
         let decision = policy::decide(&Inputs {
@@ -418,6 +410,7 @@ impl<'a> Pass<'a> {
 
         let failures = self.prev.consecutive_failures;
         self.next.consecutive_failures = 0;
+        self.next.credentials_fingerprint = Some(inputs_fingerprint(self.obj, &credentials, &new));
         self.show_chain(&new);
         let due = policy::next_refresh(&settings, new.times, jitter_key);
         self.next.next_refresh_at = due.map(Time);
@@ -616,7 +609,9 @@ impl<'a> Pass<'a> {
             reason.is_ready(),
             self.next.consecutive_failures,
         );
-        if self.next != self.prev {
+        // Compare as serialized: Kubernetes times have whole-second precision, so an
+        // instant computed to the millisecond equals its stored form only this way.
+        if serde_json::to_value(&self.next).ok() != serde_json::to_value(&self.prev).ok() {
             let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.0);
             let patch = serde_json::json!({
                 "apiVersion": "scgtoken.io/v1alpha1",
@@ -648,6 +643,20 @@ impl<'a> Pass<'a> {
             None => Action::await_change(),
         })
     }
+}
+
+/// Fingerprint of what a refresh attempt sends: when it changes, a human changed the
+/// credentials or the seed, and a back-off no longer applies.
+fn inputs_fingerprint(obj: &ScgToken, credentials: &chain::Credentials, current: &Chain) -> String {
+    chain::fingerprint(
+        obj,
+        &format!(
+            "{}\0{}\0{}",
+            credentials.consumer_key.expose(),
+            credentials.consumer_secret.expose(),
+            current.token.expose()
+        ),
+    )
 }
 
 /// The ScgTokens in `store` that name `secret` (as credentials, headers or target).

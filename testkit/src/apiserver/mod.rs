@@ -1,1 +1,291 @@
-//! In-memory Kubernetes API server (work in progress).
+//! In-memory Kubernetes API server for tests and the no-cluster demo.
+//!
+//! [`ApiServer::start`] listens on `127.0.0.1:<random port>` (plain HTTP) and serves
+//! enough of the Kubernetes API for kube-rs (client and runtime watchers) and
+//! `kubectl` (discovery, get/apply/annotate/delete/wait, server-side printing).
+//!
+//! Served resources: core/v1 `namespaces` (cluster-scoped), `secrets`, `configmaps`,
+//! `events`; `events.k8s.io/v1` `events`; `coordination.k8s.io/v1` `leases`;
+//! `apps/v1` `deployments`, `statefulsets`, `daemonsets`;
+//! `apiextensions.k8s.io/v1` `customresourcedefinitions`, and every resource
+//! declared by a stored CRD (served as soon as the CRD is created).
+//!
+//! # Simplifications compared with a real API server
+//!
+//! * No authentication or authorization: every request is allowed; the bearer token in
+//!   the kubeconfig is a dummy. No admission, no defaulting beyond what is listed here.
+//! * Namespaces need not exist for namespaced objects to be created in them (they are
+//!   not auto-created either). `default` and `kube-system` exist at start. Deleting a
+//!   namespace deletes the objects in it at once (honouring their finalizers).
+//! * One storage per group/resource: a CRD with several versions serves the same
+//!   objects under every served version with only `apiVersion` rewritten (no
+//!   conversion). Core `events` and `events.k8s.io` `events` are separate stores.
+//! * Lists and gets always read the latest state; `resourceVersion` /
+//!   `resourceVersionMatch` on list/get are accepted and ignored (except that a
+//!   `continue` token older than the event history answers 410 Expired).
+//! * Watch history is an in-memory ring of the last 10 000 events for the whole
+//!   server; a watch from an older resourceVersion gets an `ERROR` event with a
+//!   410 `Expired` Status, as real servers do. [`Faults::compact_history`] forces this.
+//! * Bookmarks are sent every 5 seconds by default (`allowWatchBookmarks=true`);
+//!   see [`Faults::set_bookmark_interval`].
+//! * Validation: CRD objects are checked for the required names; custom resources are
+//!   only validated for unknown fields against the CRD schema when the client asks for
+//!   `fieldValidation=Strict` (kubectl does); built-in objects are not validated
+//!   beyond `apiVersion`/`kind`/name checks. No pruning of unknown CR fields.
+//! * Strategic merge patch is a JSON merge patch that also understands the `$patch`,
+//!   `$retainKeys`, `$setElementOrder/...` and `$deleteFromPrimitiveList/...`
+//!   directives and merges the usual keyed lists (`containers`, `env`, `ports`,
+//!   `volumes`, `volumeMounts`, `conditions`, `ownerReferences`, ...) by their key.
+//! * Server-side apply tracks managed fields per (manager, operation, subresource) with
+//!   every list treated as an atomic leaf (no `listType=map` merging); `metadata`
+//!   tracks only `labels`, `annotations`, `finalizers` and `ownerReferences`.
+//!   `metadata.managedFields` sent by clients is ignored (the server owns it).
+//!   The field manager of non-apply writes is the `fieldManager` parameter or the
+//!   `User-Agent` prefix before `/`.
+//! * Garbage collection is synchronous: deleting an object deletes (or, with
+//!   `propagationPolicy=Orphan`, orphans) its dependents before the response is sent;
+//!   `Foreground` behaves like `Background`. Dependents are only looked up by
+//!   `ownerReferences[].uid`; objects created with a dangling owner are not collected.
+//! * `metadata.generation` exists for apps/v1 workloads, CRDs and custom resources and
+//!   is bumped when anything outside `metadata` (and `status`, when the resource has
+//!   a status subresource) changes. Secrets/ConfigMaps/Leases have no generation.
+//! * CRDs get `status.conditions` Established/NamesAccepted = True immediately.
+//! * `/openapi/v2` answers 404; `/openapi/v3` serves minimal documents: the CRD's
+//!   schema for custom resources and schemas that accept any object for built-ins.
+//!   The documents advertise the `fieldValidation` parameter so kubectl validates
+//!   server-side.
+//! * Only JSON is spoken (no protobuf, no CBOR, no HTTP/2).
+//! * Dry-run (`dryRun=All`) is honoured on create, update, patch and delete.
+
+mod control;
+mod discovery;
+mod handler;
+mod jsonpath;
+mod managed;
+mod openapi;
+mod patch;
+mod resources;
+mod selector;
+mod store;
+mod table;
+mod util;
+mod watch;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use control::{Counters, Faults};
+
+/// State shared by every connection of one server.
+pub(crate) struct Shared {
+    pub(crate) store: Mutex<store::Store>,
+    pub(crate) faults: control::FaultState,
+    pub(crate) counters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// Bumped to end every open watch stream.
+    pub(crate) watch_epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl Shared {
+    pub(crate) fn lock_store(&self) -> std::sync::MutexGuard<'_, store::Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn close_watches(&self) {
+        self.watch_epoch.send_modify(|e| *e += 1);
+    }
+}
+
+/// An in-memory Kubernetes API server. Dropping it stops the server and removes the
+/// temporary directory holding its kubeconfig.
+pub struct ApiServer {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: Option<JoinHandle<()>>,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl ApiServer {
+    /// Starts a server on `127.0.0.1` with a random port.
+    pub async fn start() -> std::io::Result<ApiServer> {
+        let (tx, _rx) = tokio::sync::watch::channel(0u64);
+        let shared = Arc::new(Shared {
+            store: Mutex::new(store::Store::new()),
+            faults: control::FaultState::default(),
+            counters: Mutex::new(Default::default()),
+            watch_epoch: tx,
+        });
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        let dir = util::make_temp_dir()?;
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}")))?;
+        let task = tokio::spawn(serve(listener, shared.clone()));
+        Ok(ApiServer {
+            shared,
+            addr,
+            task: Some(task),
+            dir,
+            kubeconfig,
+        })
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41234`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Path of a kubeconfig file pointing at this server (context namespace `default`).
+    pub fn kubeconfig_path(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// A kube client for this server with default namespace `default`.
+    pub fn client(&self) -> kube::Client {
+        let uri: http::Uri = self.url().parse().expect("server URL is a valid URI");
+        let config = kube::Config::new(uri);
+        kube::Client::try_from(config).expect("kube client for a plain http URL")
+    }
+
+    /// Stops listening (dropping every connection and watch) and listens again on the
+    /// same port. Stored objects and the resourceVersion counter are kept.
+    pub async fn restart(&mut self) -> std::io::Result<()> {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        self.shared.close_watches();
+        let mut last_err = None;
+        for _ in 0..50 {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => {
+                    self.task = Some(tokio::spawn(serve(listener, self.shared.clone())));
+                    return Ok(());
+                }
+                Err(e) => {
+                    last_err = Some(e);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("could not rebind")))
+    }
+
+    /// Fault injection handle.
+    pub fn faults(&self) -> Faults {
+        Faults::new(self.shared.clone())
+    }
+
+    /// Request counters handle.
+    pub fn counters(&self) -> Counters {
+        Counters::new(self.shared.clone())
+    }
+
+    /// Polls `check` against the object `group/resource` `namespace/name` (namespace
+    /// "" for cluster-scoped; group "" for core) until it returns true or `timeout`
+    /// passes. Returns the last seen object, or `None` on timeout. `check` receives
+    /// `None` while the object does not exist.
+    pub async fn wait_for<F>(
+        &self,
+        group: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        mut check: F,
+    ) -> Option<Option<serde_json::Value>>
+    where
+        F: FnMut(Option<&serde_json::Value>) -> bool,
+    {
+        let mut rx = self.shared.lock_store().subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = self.object(group, resource, namespace, name);
+            if check(current.as_ref()) {
+                return Some(current);
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return None,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// The stored object (as JSON, storage version), if any.
+    pub fn object(
+        &self,
+        group: &str,
+        resource: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<serde_json::Value> {
+        let store = self.shared.lock_store();
+        store
+            .objects
+            .get(&(
+                group.to_string(),
+                resource.to_string(),
+                namespace.to_string(),
+                name.to_string(),
+            ))
+            .map(|s| s.obj.clone())
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        self.shared.close_watches();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn kubeconfig_yaml(url: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: testkit\n  cluster:\n    server: {url}\n\
+users:\n- name: testkit\n  user:\n    token: testkit-dummy-token\n\
+contexts:\n- name: testkit\n  context:\n    cluster: testkit\n    user: testkit\n    namespace: default\n\
+current-context: testkit\npreferences: {{}}\n"
+    )
+}
+
+/// Accept loop. Aborting this task drops the listener and the `JoinSet`, which aborts
+/// every connection task (closing connections and their watch streams).
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            res = listener.accept() => {
+                let stream = match res {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let shared = shared.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(handler::handle(shared, req).await)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}

@@ -202,7 +202,7 @@ async fn wrong_secret_or_unknown_token_is_401_json_and_changes_nothing() {
 #[tokio::test]
 async fn validity_is_capped_and_tokens_expire() {
     let sim = start(SimConfig {
-        validity_cap: Duration::from_secs(1),
+        validity_cap: Duration::from_secs(2),
         ..SimConfig::default()
     })
     .await;
@@ -210,9 +210,9 @@ async fn validity_is_capped_and_tokens_expire() {
     assert!(sim.remaining_validity(&seed).unwrap() > Duration::from_secs(30 * 24 * 3600));
 
     let (t1, validity) = new_token(refresh(&sim, &seed).await).await;
-    assert_eq!(validity, 1);
+    assert_eq!(validity, 2);
     assert!(sim.is_valid(&t1));
-    // Real time is what expires tokens: let the one second pass.
+    // Real time is what expires tokens: let the two seconds pass.
     tokio::time::sleep(sim.remaining_validity(&t1).unwrap() + Duration::from_millis(50)).await;
     assert!(!sim.is_valid(&t1));
     assert_eq!(call_protected(&sim, &t1).await, StatusCode::UNAUTHORIZED);
@@ -240,13 +240,17 @@ async fn validity_is_capped_and_tokens_expire() {
 
 #[tokio::test]
 async fn grace_period_keeps_old_token_usable_but_not_refreshable() {
+    let grace = Duration::from_secs(2);
     let sim = start(SimConfig {
-        grace: Duration::from_millis(700),
-        ..short_lived()
+        grace,
+        validity_cap: Duration::from_secs(60),
+        ..SimConfig::default()
     })
     .await;
     let seed = sim.add_app(KEY, SECRET);
     let (t1, _) = new_token(refresh(&sim, &seed).await).await;
+    // The grace period started at the latest now.
+    let grace_over = tokio::time::Instant::now() + grace;
     assert!(sim.is_valid(&seed), "still valid during the grace period");
     assert_eq!(call_protected(&sim, &seed).await, StatusCode::OK);
     // Only the current token is accepted as oldtoken.
@@ -256,7 +260,8 @@ async fn grace_period_keeps_old_token_usable_but_not_refreshable() {
     );
     assert_eq!(sim.current_token(KEY).as_deref(), Some(t1.as_str()));
 
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Real time ends the grace period: let it pass.
+    tokio::time::sleep_until(grace_over + Duration::from_millis(50)).await;
     assert!(!sim.is_valid(&seed));
     assert_eq!(call_protected(&sim, &seed).await, StatusCode::UNAUTHORIZED);
     assert!(sim.is_valid(&t1));

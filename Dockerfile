@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Image of the scg-token-operator binary.
 #   docker build -t ghcr.io/scgtoken/scg-token-operator:0.1.0 .
 

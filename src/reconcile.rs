@@ -136,7 +136,7 @@ pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, 
     let started = Instant::now();
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
-    let span = info_span!("reconcile", namespace = %namespace, name = %name);
+    let span = info_span!("reconcile", namespace = %namespace, scgtoken = %name);
     let result = Pass::new(&obj, &ctx, namespace, name)
         .run()
         .instrument(span)
@@ -389,7 +389,10 @@ impl<'a> Pass<'a> {
             times: TokenTimes {
                 issued_at: Some(issued_at),
                 expires_at: Some(
-                    issued_at + SignedDuration::try_from(lifetime).unwrap_or(SignedDuration::MAX),
+                    SignedDuration::try_from(lifetime)
+                        .ok()
+                        .and_then(|d| issued_at.checked_add(d).ok())
+                        .unwrap_or(Timestamp::MAX),
                 ),
             },
             seed_fingerprint,

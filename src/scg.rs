@@ -50,7 +50,8 @@ impl fmt::Debug for Endpoint {
 impl Endpoint {
     /// Checks a `spec.endpoint`. Plain http is accepted only with `allow_insecure`.
     pub fn parse(s: &str, allow_insecure: bool) -> Result<Endpoint, String> {
-        let url = Url::parse(s).map_err(|_| format!("endpoint {s:?} is not a valid URL"))?;
+        // The input is not echoed: a malformed URL may carry credentials.
+        let url = Url::parse(s).map_err(|_| "endpoint is not a valid URL".to_string())?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err("endpoint must not carry credentials".into());
         }
@@ -130,6 +131,9 @@ pub trait TokenApi: Send + Sync {
         req: &'a RefreshRequest<'a>,
     ) -> BoxFuture<'a, Result<Refreshed, RefreshError>>;
 }
+
+/// Longest lifetime taken from a response (ten years).
+const MAX_LIFETIME_SECS: i64 = 10 * 366 * 24 * 3600;
 
 /// Largest response body read; anything bigger is not a token response.
 const MAX_BODY: usize = 64 * 1024;
@@ -217,7 +221,7 @@ impl TokenApi for HttpTokenApi {
 
 /// Describes a reqwest error from its kind and source chain, never its URL.
 fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
-    if e.is_timeout() {
+    if e.is_timeout() && !e.is_connect() {
         return RefreshError::Timeout(timeout);
     }
     let e = e.without_url();
@@ -271,7 +275,8 @@ fn parse_success(body: &[u8]) -> Result<Refreshed, RefreshError> {
     };
     Ok(Refreshed {
         token: SecretString::new(token.trim()),
-        lifetime: Duration::from_secs(seconds.max(0) as u64),
+        // Beyond ten years a schedule means nothing, and time arithmetic could overflow.
+        lifetime: Duration::from_secs(seconds.clamp(0, MAX_LIFETIME_SECS) as u64),
     })
 }
 
@@ -305,7 +310,7 @@ mod tests {
         assert!(err("ftp://x/").contains("not http(s)"));
         assert!(err("https://u:p@x/").contains("credentials"));
         assert!(err("https://x/?a=b").contains("query"));
-        assert!(err("not a url").contains("not a valid URL"));
+        assert_eq!(err("https://user:pw@[bad/"), "endpoint is not a valid URL");
     }
 
     #[test]
@@ -316,6 +321,8 @@ mod tests {
         assert_eq!(s.lifetime.as_secs(), 90);
         let never = parse_success(br#"{"accessToken":"abc","validityTime":-1}"#).unwrap();
         assert_eq!(never.lifetime.as_secs(), 0);
+        let huge = parse_success(br#"{"accessToken":"abc","validityTime":1e300}"#).unwrap();
+        assert_eq!(huge.lifetime.as_secs(), MAX_LIFETIME_SECS as u64);
         for (body, want) in [
             (&b"<html>bad gateway</html>"[..], "not a JSON object"),
             (br#"{"validityTime":60}"#, "no accessToken"),

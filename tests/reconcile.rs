@@ -1,0 +1,707 @@
+//! Reconcile tests: `reconcile()` against the in-memory API server, with a scripted
+//! token API and a hand-moved clock. Each test drives one situation a user would meet
+//! and asserts what they would see: the target Secret, status, Events, API calls.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::{
+    api::{core::v1::Secret, events::v1::Event},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, CustomResourceExt, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    runtime::events::{Recorder, Reporter},
+};
+use prometheus_client::registry::Registry;
+use scg_token_operator::{
+    crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
+    leader::Leadership,
+    policy::Clock,
+    reconcile::{Context, reconcile},
+    report::Metrics,
+    scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
+};
+use testkit::apiserver::ApiServer;
+
+const KEY: &str = "planted-consumer-key-5c1d";
+const SECRET: &str = "planted-consumer-secret-9b2e";
+const SEED: &str = "planted-seed-token-0a7f";
+const NS: &str = "default";
+
+/// A clock the test moves by hand.
+struct FakeClock(Mutex<Timestamp>);
+
+impl FakeClock {
+    fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap();
+        *t += SignedDuration::try_from(d).unwrap();
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// A token API that answers from a script and records the old tokens it was sent.
+#[derive(Default)]
+struct FakeApi {
+    script: Mutex<VecDeque<Result<Refreshed, RefreshError>>>,
+    calls: Mutex<Vec<String>>,
+    issued: Mutex<Vec<String>>,
+}
+
+impl FakeApi {
+    /// Queues a success issuing `token` valid for `secs`.
+    fn issue(&self, token: &str, secs: u64) {
+        self.script.lock().unwrap().push_back(Ok(Refreshed {
+            token: SecretString::new(token),
+            lifetime: Duration::from_secs(secs),
+        }));
+    }
+    fn fail(&self, e: RefreshError) {
+        self.script.lock().unwrap().push_back(Err(e));
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl TokenApi for FakeApi {
+    fn refresh<'a>(
+        &'a self,
+        req: &'a RefreshRequest<'a>,
+    ) -> BoxFuture<'a, Result<Refreshed, RefreshError>> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(req.old_token.expose().to_string());
+        let next = self.script.lock().unwrap().pop_front();
+        let out = next.unwrap_or(Err(RefreshError::Unavailable { status: 599 }));
+        if let Ok(r) = &out {
+            self.issued
+                .lock()
+                .unwrap()
+                .push(r.token.expose().to_string());
+        }
+        Box::pin(async move { out })
+    }
+}
+
+struct World {
+    server: ApiServer,
+    client: kube::Client,
+    api: Arc<FakeApi>,
+    clock: Arc<FakeClock>,
+    ctx: Arc<Context>,
+}
+
+impl World {
+    async fn new() -> World {
+        let server = ApiServer::start().await.expect("start API server");
+        let client = server.client();
+        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+            Api::all(client.clone());
+        crds.create(&PostParams::default(), &ScgToken::crd())
+            .await
+            .expect("create CRD");
+        let api = Arc::new(FakeApi::default());
+        let clock = Arc::new(FakeClock(Mutex::new(
+            Timestamp::from_second(1_800_000_000).unwrap(),
+        )));
+        let reporter = Reporter {
+            controller: "scg-token-operator".into(),
+            instance: Some("test".into()),
+        };
+        let ctx = Arc::new(Context::new(
+            client.clone(),
+            api.clone(),
+            clock.clone(),
+            Recorder::new(client.clone(), reporter),
+            Arc::new(Metrics::register(&mut Registry::default())),
+            Leadership::always(),
+            false,
+        ));
+        let w = World {
+            server,
+            client,
+            api,
+            clock,
+            ctx,
+        };
+        w.put_credentials(SEED).await;
+        w
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+    fn tokens(&self) -> Api<ScgToken> {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    async fn put_credentials(&self, seed: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some("creds".into()),
+                ..Default::default()
+            },
+            string_data: Some(
+                [
+                    ("consumerKey", KEY),
+                    ("consumerSecret", SECRET),
+                    ("accessToken", seed),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        let pp = PatchParams::apply("test").force();
+        self.secrets()
+            .patch("creds", &pp, &Patch::Apply(&secret))
+            .await
+            .expect("write credentials");
+    }
+
+    async fn create(&self, name: &str, f: impl FnOnce(&mut ScgTokenSpec)) {
+        let mut spec = ScgTokenSpec::new("creds");
+        spec.endpoint = "https://scg.example/apptoken-refresh".into();
+        f(&mut spec);
+        self.tokens()
+            .create(&PostParams::default(), &ScgToken::new(name, spec))
+            .await
+            .expect("create ScgToken");
+    }
+
+    /// Runs one reconcile pass on the stored object, as the controller would.
+    async fn reconcile(&self, name: &str) -> Result<kube::runtime::controller::Action, String> {
+        let obj = self.tokens().get(name).await.expect("get ScgToken");
+        reconcile(Arc::new(obj), self.ctx.clone())
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn token(&self, name: &str) -> ScgToken {
+        self.tokens().get(name).await.expect("get ScgToken")
+    }
+
+    /// (Ready status, reason) of an ScgToken.
+    async fn ready(&self, name: &str) -> (String, String) {
+        let t = self.token(name).await;
+        let c = t.ready_condition().expect("Ready condition");
+        (c.status.clone(), c.reason.clone())
+    }
+
+    async fn target_token(&self, name: &str) -> Option<String> {
+        let s = self.secrets().get_opt(name).await.unwrap()?;
+        let b = s.data?.get("accessToken")?.0.clone();
+        Some(String::from_utf8(b).unwrap())
+    }
+
+    async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<Event> = Api::namespaced(self.client.clone(), NS);
+        let mut reasons: Vec<String> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect();
+        reasons.sort();
+        reasons
+    }
+
+    /// Writes (create/update/patch) counted by the API server so far.
+    fn writes(&self) -> u64 {
+        self.server
+            .counters()
+            .snapshot()
+            .iter()
+            .filter(|((verb, resource), _)| {
+                matches!(verb.as_str(), "create" | "update" | "patch" | "delete")
+                    && !resource.contains("events")
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+#[tokio::test]
+async fn first_refresh_replaces_the_seed_and_creates_the_target() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+
+    w.reconcile("messaging").await.unwrap();
+
+    assert_eq!(
+        w.api.calls(),
+        vec![SEED.to_string()],
+        "one call, with the seed"
+    );
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-1")
+    );
+    let secret = w.secrets().get("messaging").await.unwrap();
+    assert_eq!(
+        secret.labels().get(MANAGED_BY_LABEL).unwrap(),
+        "scg-token-operator"
+    );
+    assert_eq!(
+        secret.annotations().get(OWNER_ANNOTATION).unwrap(),
+        "messaging"
+    );
+    assert!(
+        secret.metadata.owner_references.is_none(),
+        "Retain: no owner reference"
+    );
+    let t = w.token("messaging").await;
+    let status = t.status.clone().unwrap();
+    let now = w.clock.now();
+    assert_eq!(
+        status.expires_at.unwrap().0,
+        now + SignedDuration::from_secs(3600)
+    );
+    let next = status.next_refresh_at.unwrap().0;
+    // A third of the lifetime is left at the refresh, less up to 30 s of jitter.
+    assert!(next <= now + SignedDuration::from_secs(2400));
+    assert!(next >= now + SignedDuration::from_secs(2370));
+    assert_eq!(status.consecutive_failures, 0);
+    let fp = status.token_fingerprint.unwrap();
+    assert_eq!(fp.len(), 16);
+    assert_ne!(fp, "token-1");
+    assert_eq!(
+        w.ready("messaging").await,
+        ("True".into(), "Refreshed".into())
+    );
+    assert_eq!(w.event_reasons().await, vec!["Refreshed".to_string()]);
+}
+
+#[tokio::test]
+async fn nothing_due_means_no_call_and_no_write_then_refreshes_on_time() {
+    let w = World::new().await;
+    w.create("messaging", |s| s.refresh_before = Some("10m".into()))
+        .await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    let writes = w.writes();
+    for _ in 0..3 {
+        let action = w.reconcile("messaging").await.unwrap();
+        // Requeued for the refresh instant: about 50 minutes away.
+        let dbg = format!("{action:?}");
+        assert!(dbg.contains("requeue_after: Some("), "{dbg}");
+    }
+    assert_eq!(w.api.calls().len(), 1, "no call while nothing is due");
+    assert_eq!(w.writes(), writes, "no API write while nothing is due");
+
+    w.clock.advance(Duration::from_secs(3000));
+    w.api.issue("token-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.api.calls(), vec![SEED.to_string(), "token-1".to_string()]);
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-2")
+    );
+    assert_eq!(
+        w.writes(),
+        writes + 2,
+        "one Secret write and one status write: {:?}",
+        w.server.counters().snapshot()
+    );
+}
+
+#[tokio::test]
+async fn a_restart_continues_from_the_target_secret_not_the_seed() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 60);
+    w.reconcile("messaging").await.unwrap();
+
+    // A new process: nothing in memory.
+    let fresh = World {
+        ctx: Arc::new(Context::new(
+            w.client.clone(),
+            w.api.clone(),
+            w.clock.clone(),
+            Recorder::new(
+                w.client.clone(),
+                Reporter {
+                    controller: "scg-token-operator".into(),
+                    instance: None,
+                },
+            ),
+            Arc::new(Metrics::register(&mut Registry::default())),
+            Leadership::always(),
+            false,
+        )),
+        ..w
+    };
+    fresh.clock.advance(Duration::from_secs(50));
+    fresh.api.issue("token-2", 60);
+    fresh.reconcile("messaging").await.unwrap();
+    assert_eq!(fresh.api.calls()[1], "token-1", "continued the chain");
+    assert_eq!(
+        fresh.target_token("messaging").await.as_deref(),
+        Some("token-2")
+    );
+}
+
+#[tokio::test]
+async fn a_new_seed_starts_a_new_chain_at_once() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    w.put_credentials("seed-2").await;
+    w.api.issue("token-from-seed-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    assert_eq!(w.api.calls()[1], "seed-2");
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-from-seed-2")
+    );
+    assert!(w.event_reasons().await.contains(&"SeedRotated".to_string()));
+}
+
+#[tokio::test]
+async fn a_deleted_target_is_recreated_without_losing_the_chain() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    w.secrets()
+        .delete("messaging", &DeleteParams::default())
+        .await
+        .unwrap();
+    w.reconcile("messaging").await.unwrap();
+
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-1")
+    );
+    assert_eq!(
+        w.api.calls().len(),
+        1,
+        "restored from memory, no refresh call"
+    );
+}
+
+#[tokio::test]
+async fn a_foreign_target_is_never_touched() {
+    let w = World::new().await;
+    let foreign = Secret {
+        metadata: ObjectMeta {
+            name: Some("messaging".into()),
+            ..Default::default()
+        },
+        string_data: Some([("accessToken".to_string(), "theirs".to_string())].into()),
+        ..Default::default()
+    };
+    w.secrets()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    w.create("messaging", |_| {}).await;
+
+    w.reconcile("messaging").await.unwrap();
+
+    assert!(
+        w.api.calls().is_empty(),
+        "no refresh into a Secret it cannot write"
+    );
+    assert_eq!(w.target_token("messaging").await.as_deref(), Some("theirs"));
+    assert_eq!(
+        w.ready("messaging").await,
+        ("False".into(), "TargetConflict".into())
+    );
+    assert!(
+        w.event_reasons()
+            .await
+            .contains(&"TargetConflict".to_string())
+    );
+}
+
+#[tokio::test]
+async fn suspended_invalid_and_missing_credentials_are_reported_without_calls() {
+    let w = World::new().await;
+    w.create("suspended", |s| s.suspend = true).await;
+    w.create("both-margins", |s| {
+        s.refresh_before = Some("1m".into());
+        s.refresh_before_percentage = Some(20);
+    })
+    .await;
+    w.create("plain-http", |s| s.endpoint = "http://scg.example/x".into())
+        .await;
+    w.create("no-creds", |s| {
+        s.credentials_secret_ref.name = "missing".into()
+    })
+    .await;
+    w.create("wrong-key", |s| {
+        s.credentials_secret_ref.consumer_secret_key = "nope".into()
+    })
+    .await;
+
+    for name in [
+        "suspended",
+        "both-margins",
+        "plain-http",
+        "no-creds",
+        "wrong-key",
+    ] {
+        w.reconcile(name).await.unwrap();
+    }
+    assert!(w.api.calls().is_empty());
+    for (name, want) in [
+        ("suspended", "Suspended"),
+        ("both-margins", "InvalidSpec"),
+        ("plain-http", "InvalidSpec"),
+        ("no-creds", "CredentialsNotFound"),
+        ("wrong-key", "CredentialsNotFound"),
+    ] {
+        assert_eq!(w.ready(name).await, ("False".into(), want.into()), "{name}");
+    }
+    let msg = w
+        .token("wrong-key")
+        .await
+        .ready_condition()
+        .unwrap()
+        .message
+        .clone();
+    assert!(msg.contains("\"nope\""), "names the missing key: {msg}");
+    let msg = w
+        .token("plain-http")
+        .await
+        .ready_condition()
+        .unwrap()
+        .message
+        .clone();
+    assert!(msg.contains("plain http"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_failed_write_keeps_the_token_and_makes_no_second_call() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    let faults = w.server.faults();
+    faults.fail_next("create", "secrets", 100, 500);
+
+    let err = w.reconcile("messaging").await.unwrap_err();
+    assert!(err.contains("writing Secret"), "{err}");
+    assert!(w.ctx.has_pending(NS, "messaging"));
+    assert_eq!(w.ready("messaging").await.1, "Pending");
+
+    // Still failing: the next pass retries the write, and calls nothing.
+    w.clock.advance(Duration::from_secs(5));
+    assert!(w.reconcile("messaging").await.is_err());
+    assert_eq!(
+        w.api.calls().len(),
+        1,
+        "never refresh while a token is unstored"
+    );
+
+    faults.fail_next("create", "secrets", 0, 500);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-1")
+    );
+    assert_eq!(w.api.calls().len(), 1);
+    assert!(!w.ctx.has_pending(NS, "messaging"));
+    assert_eq!(
+        w.ready("messaging").await,
+        ("True".into(), "Refreshed".into())
+    );
+}
+
+#[tokio::test]
+async fn rejection_backs_off_until_a_human_fixes_the_credentials() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.fail(RefreshError::Rejected { status: 401 });
+
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(
+        w.ready("messaging").await,
+        ("False".into(), "Rejected".into())
+    );
+    let status = w.token("messaging").await.status.unwrap();
+    assert_eq!(status.consecutive_failures, 1);
+    let retry = status.next_refresh_at.unwrap().0;
+    assert!(
+        retry >= w.clock.now() + SignedDuration::from_secs(30),
+        "backs off hard"
+    );
+
+    w.clock.advance(Duration::from_secs(10));
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.api.calls().len(), 1, "no retry during the back-off");
+
+    w.put_credentials("seed-fixed").await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.api.calls()[1], "seed-fixed", "retried at once");
+    assert_eq!(w.ready("messaging").await.1, "Refreshed");
+    let reasons = w.event_reasons().await;
+    assert!(reasons.contains(&"Rejected".to_string()), "{reasons:?}");
+    assert!(reasons.contains(&"Recovered".to_string()), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn outage_backs_off_before_expiry_and_then_reports_expired() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 60);
+    w.reconcile("messaging").await.unwrap();
+
+    w.clock.advance(Duration::from_secs(45));
+    w.api.fail(RefreshError::Unavailable { status: 503 });
+    w.reconcile("messaging").await.unwrap();
+    let status = w.token("messaging").await.status.unwrap();
+    assert_eq!(w.ready("messaging").await.1, "Unavailable");
+    let expires = status.expires_at.unwrap().0;
+    assert!(
+        status.next_refresh_at.unwrap().0 < expires,
+        "retry before expiry"
+    );
+
+    w.clock.advance(Duration::from_secs(30));
+    w.api.fail(RefreshError::Timeout(Duration::from_secs(10)));
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(
+        w.ready("messaging").await,
+        ("False".into(), "Expired".into())
+    );
+}
+
+#[tokio::test]
+async fn a_refresh_request_annotation_is_honoured_once() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    let annotate = serde_json::json!({"metadata": {"annotations": {
+        "scgtoken.io/refresh-requested-at": "2027-01-01T00:00:00Z"}}});
+    w.tokens()
+        .patch(
+            "messaging",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
+    w.api.issue("token-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.api.calls().len(), 2, "exactly one extra refresh");
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-2")
+    );
+}
+
+#[tokio::test]
+async fn delete_policy_sets_an_owner_reference_and_spec_keys_are_used() {
+    let w = World::new().await;
+    w.create("messaging", |s| {
+        s.target.name = Some("scg-token".into());
+        s.target.token_key = "token".into();
+        s.target.expiry_key = Some("expiresAt".into());
+        s.target.deletion_policy = DeletionPolicy::Delete;
+        s.target.labels.insert("team".into(), "messaging".into());
+    })
+    .await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    let s = w.secrets().get("scg-token").await.unwrap();
+    let data = s.data.clone().unwrap();
+    assert_eq!(data["token"].0, b"token-1");
+    let expiry = String::from_utf8(data["expiresAt"].0.clone()).unwrap();
+    assert!(expiry.parse::<Timestamp>().is_ok(), "{expiry}");
+    assert_eq!(s.labels()["team"], "messaging");
+    let owner = &s.metadata.owner_references.unwrap()[0];
+    assert_eq!(owner.kind, "ScgToken");
+    assert_eq!(
+        Some(&owner.uid),
+        w.token("messaging").await.metadata.uid.as_ref()
+    );
+}
+
+/// Collects every log line written while it is the default subscriber.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_secret_reaches_logs_status_events_or_errors() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.fail(RefreshError::Rejected { status: 403 });
+    w.reconcile("messaging").await.unwrap();
+    w.put_credentials("planted-seed-2-44ad").await;
+    w.api.issue("planted-issued-token-77c1", 60);
+    w.reconcile("messaging").await.unwrap();
+    w.server.faults().fail_next("update", "secrets", 100, 500);
+    w.clock.advance(Duration::from_secs(59));
+    w.api.issue("planted-issued-token-88d2", 60);
+    let err = w.reconcile("messaging").await.unwrap_err();
+
+    let status = serde_json::to_string(&w.token("messaging").await.status).unwrap();
+    let events: Api<Event> = Api::namespaced(w.client.clone(), NS);
+    let events =
+        serde_json::to_string(&events.list(&ListParams::default()).await.unwrap()).unwrap();
+    let planted = [
+        KEY,
+        SECRET,
+        SEED,
+        "planted-seed-2-44ad",
+        "planted-issued-token-77c1",
+        "planted-issued-token-88d2",
+    ];
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("refresh failed"), "logs were captured");
+    for text in [&status, &events, &err, &logs] {
+        for p in planted {
+            assert!(!text.contains(p), "{p} leaked into {text}");
+        }
+    }
+    assert!(
+        events.contains("Rejected") && events.contains("Pending"),
+        "{events}"
+    );
+}

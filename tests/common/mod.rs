@@ -1,0 +1,333 @@
+//! End-to-end harness: the real `scg-token-operator` binary against the in-memory API
+//! server (or a real cluster) and the SCG simulator.
+//!
+//! Set `SCG_E2E_KUBECONFIG=/path/to/kubeconfig` to run the same tests against a real
+//! cluster (kind, k3d, ...): each test then works in a namespace of its own, created and
+//! deleted by the test, and the operator runs on this machine with that kubeconfig (so
+//! it reaches the simulator on 127.0.0.1). Tests that need fault injection or request
+//! counters of the API server print that they are skipped there.
+#![allow(dead_code)] // Each test binary uses a different part of the harness.
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Namespace, Secret},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use kube::{
+    Api, CustomResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use scg_token_operator::crd::{ScgToken, ScgTokenSpec};
+use testkit::{
+    apiserver::ApiServer,
+    scgsim::{ScgSimulator, SimConfig},
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// The consumer secret planted in every test; no log line may ever contain it.
+pub const CONSUMER_SECRET: &str = "e2e-planted-consumer-secret-3b9f";
+pub const CONSUMER_KEY: &str = "e2e-consumer-key";
+
+/// Upper bound of any wait in these tests; generous for a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub struct Env {
+    /// The in-memory API server; `None` against a real cluster.
+    pub api: Option<ApiServer>,
+    pub kubeconfig: PathBuf,
+    pub client: kube::Client,
+    pub sim: ScgSimulator,
+    pub namespace: String,
+    logs: Mutex<Vec<Arc<Mutex<String>>>>,
+}
+
+impl Env {
+    /// Starts the servers (or connects to the real cluster), installs the CRD and
+    /// prepares a namespace.
+    pub async fn start(sim: SimConfig) -> Env {
+        let sim = ScgSimulator::start(sim).await.expect("start simulator");
+        let (api, kubeconfig, client, namespace) = match std::env::var_os("SCG_E2E_KUBECONFIG") {
+            Some(path) => {
+                let path = PathBuf::from(path);
+                let kc = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
+                let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                    .await
+                    .expect("kubeconfig");
+                let client = kube::Client::try_from(config).expect("client");
+                let ns = format!("scg-e2e-{}", std::process::id() ^ rand_u32());
+                let nss: Api<Namespace> = Api::all(client.clone());
+                let obj = Namespace {
+                    metadata: ObjectMeta {
+                        name: Some(ns.clone()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                nss.create(&PostParams::default(), &obj)
+                    .await
+                    .expect("namespace");
+                (None, path, client, ns)
+            }
+            None => {
+                let api = ApiServer::start().await.expect("start API server");
+                let path = api.kubeconfig_path().to_path_buf();
+                let client = api.client();
+                (Some(api), path, client, "default".to_string())
+            }
+        };
+        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+        crds.patch(
+            "scgtokens.scgtoken.io",
+            &PatchParams::apply("scg-e2e").force(),
+            &Patch::Apply(ScgToken::crd()),
+        )
+        .await
+        .expect("install CRD");
+        Env {
+            api,
+            kubeconfig,
+            client,
+            sim,
+            namespace,
+            logs: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    pub fn tokens(&self) -> Api<ScgToken> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Registers an app with the simulator and writes its credentials Secret. Returns
+    /// the seed token.
+    pub async fn credentials(&self, secret_name: &str, consumer_key: &str) -> String {
+        let seed = self.sim.add_app(consumer_key, CONSUMER_SECRET);
+        self.put_credentials(secret_name, consumer_key, &seed).await;
+        seed
+    }
+
+    /// Writes (or overwrites) a credentials Secret.
+    pub async fn put_credentials(&self, secret_name: &str, consumer_key: &str, seed: &str) {
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(secret_name.into()),
+                ..Default::default()
+            },
+            string_data: Some(
+                [
+                    ("consumerKey", consumer_key),
+                    ("consumerSecret", CONSUMER_SECRET),
+                    ("accessToken", seed),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        self.secrets()
+            .patch(
+                secret_name,
+                &PatchParams::apply("scg-e2e").force(),
+                &Patch::Apply(&secret),
+            )
+            .await
+            .expect("write credentials");
+    }
+
+    /// Creates an ScgToken pointing at the simulator.
+    pub async fn scgtoken(&self, name: &str, credentials: &str, f: impl FnOnce(&mut ScgTokenSpec)) {
+        let mut spec = ScgTokenSpec::new(credentials);
+        spec.endpoint = self.sim.refresh_url();
+        spec.validity = "30s".into();
+        f(&mut spec);
+        let mut obj = ScgToken::new(name, spec);
+        obj.metadata.namespace = Some(self.namespace.clone());
+        self.tokens()
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create ScgToken");
+    }
+
+    /// Starts the operator binary with leader election off and `extra` flags.
+    pub fn operator(&self, extra: &[&str]) -> Operator {
+        let mut args = vec![
+            "run".to_string(),
+            "--allow-insecure-endpoints".into(),
+            "--admin-addr=127.0.0.1:0".into(),
+            format!("--namespace={}", self.namespace),
+            format!("--lease-namespace={}", self.namespace),
+            "--log-level=debug".into(),
+        ];
+        if !extra.iter().any(|a| a.starts_with("--leader-elect")) {
+            args.push("--leader-elect=false".into());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let op = Operator::spawn(&self.kubeconfig, &args);
+        self.logs.lock().unwrap().push(op.logs.clone());
+        op
+    }
+
+    /// The token currently in a target Secret.
+    pub async fn target_token(&self, secret: &str) -> Option<String> {
+        let s = self.secrets().get_opt(secret).await.ok()??;
+        let b = s.data?.get("accessToken")?.0.clone();
+        String::from_utf8(b).ok()
+    }
+
+    /// The Ready condition's (status, reason) of an ScgToken.
+    pub async fn ready(&self, name: &str) -> Option<(String, String)> {
+        let t = self.tokens().get_opt(name).await.ok()??;
+        let c = t.ready_condition()?;
+        Some((c.status.clone(), c.reason.clone()))
+    }
+
+    /// Polls `check` (every 50 ms) until it returns `Some`, for at most [`PATIENCE`].
+    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every log line of every operator this test started, so far.
+    pub fn all_logs(&self) -> String {
+        self.logs
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|l| l.lock().unwrap().clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Fails if any log line holds the consumer secret or any token the simulator
+    /// issued; then cleans up. Call at the end of every test.
+    pub async fn finish(self) {
+        let logs = self.all_logs();
+        assert!(!logs.is_empty(), "no operator logs were captured");
+        let mut planted = self.sim.issued_tokens();
+        planted.push(CONSUMER_SECRET.to_string());
+        for secret in &planted {
+            assert!(
+                !logs.contains(secret.as_str()),
+                "a secret leaked into the logs: {}",
+                logs.lines()
+                    .find(|l| l.contains(secret.as_str()))
+                    .unwrap_or_default()
+                    .replace(secret.as_str(), "<SECRET>")
+            );
+        }
+        if self.api.is_none() {
+            let nss: Api<Namespace> = Api::all(self.client.clone());
+            let _ = nss.delete(&self.namespace, &DeleteParams::default()).await;
+        }
+    }
+
+    /// Skips (returns true and says so) when running against a real cluster.
+    pub fn needs_test_server(&self, test: &str) -> bool {
+        if self.api.is_none() {
+            eprintln!("SKIPPED {test}: needs the in-memory API server's fault injection");
+            return true;
+        }
+        false
+    }
+}
+
+fn rand_u32() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+}
+
+/// A running operator process. Killed when dropped (also when a test panics).
+pub struct Operator {
+    child: tokio::process::Child,
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl Operator {
+    fn spawn(kubeconfig: &std::path::Path, args: &[String]) -> Operator {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("NO_COLOR", "1")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start scg-token-operator");
+        let logs = Arc::new(Mutex::new(String::new()));
+        for out in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let logs = logs.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut l = logs.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        Operator { child, logs }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to finish anything.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+}

@@ -94,10 +94,16 @@ pub async fn run(
         tokio::spawn(admin::serve(listener, state.clone(), stopped()));
     }
 
+    // The Lease is released only after the controller has finished its last refresh,
+    // so a standby cannot start refreshing while this replica still is.
+    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
     let (leadership, election) = match config.election {
         Some(election) => {
             let m = metrics.clone();
-            let (l, task) = leader::elect(client.clone(), election, stopped(), move |leading| {
+            let released = async move {
+                let _ = release_rx.await;
+            };
+            let (l, task) = leader::elect(client.clone(), election, released, move |leading| {
                 m.leader.set(i64::from(leading));
             })
             .await?;
@@ -130,6 +136,7 @@ pub async fn run(
     })
     .for_each(|()| async {})
     .await;
+    let _ = release_tx.send(());
     if let Some(task) = election {
         let _ = task.await;
     }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -51,6 +51,8 @@ pub struct Context {
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
     chains: Mutex<HashMap<Key, Remembered>>,
+    /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
+    tokens: OnceLock<Store<ScgToken>>,
     refreshed_events: Mutex<HashMap<Key, Timestamp>>,
 }
 
@@ -84,7 +86,37 @@ impl Context {
             allow_insecure,
             chains: Mutex::default(),
             refreshed_events: Mutex::default(),
+            tokens: OnceLock::new(),
         }
+    }
+
+    /// Gives the context the controller's ScgToken cache.
+    pub fn set_token_store(&self, store: Store<ScgToken>) {
+        let _ = self.tokens.set(store);
+    }
+
+    /// The oldest other ScgToken in the same namespace that uses the same credentials
+    /// Secret: two refreshers of one chain would revoke each other's tokens, so only the
+    /// oldest may run.
+    fn chain_owner_other_than(&self, obj: &ScgToken) -> Option<String> {
+        let store = self.tokens.get()?;
+        let age = |t: &ScgToken| {
+            (
+                t.metadata.creation_timestamp.clone().map(|c| c.0),
+                t.name_any(),
+            )
+        };
+        store
+            .state()
+            .iter()
+            .filter(|t| {
+                t.metadata.namespace == obj.metadata.namespace
+                    && t.metadata.deletion_timestamp.is_none()
+                    && t.spec.credentials_secret_ref.name == obj.spec.credentials_secret_ref.name
+                    && age(t) < age(obj)
+            })
+            .min_by_key(|t| age(t))
+            .map(|t| t.name_any())
     }
 
     fn remembered(&self, key: &Key) -> Option<Remembered> {
@@ -222,6 +254,17 @@ impl<'a> Pass<'a> {
                 return self.finish(Reason::InvalidSpec, e.0, None).await;
             }
         };
+        if let Some(other) = self.ctx.chain_owner_other_than(self.obj) {
+            self.next.next_refresh_at = None;
+            let msg = format!(
+                "ScgToken {other:?} already refreshes the token of credentials Secret {:?}; \
+                 two refreshers of one token would revoke each other's tokens",
+                spec.credentials_secret_ref.name
+            );
+            // Look again now and then: the other one may be deleted.
+            let later = self.now + SignedDuration::from_secs(60);
+            return self.finish(Reason::InvalidSpec, msg, Some(later)).await;
+        }
         if spec.suspend {
             self.next.next_refresh_at = None;
             let msg = "refreshing is suspended; the target Secret keeps its last token".into();
@@ -703,6 +746,7 @@ pub fn controller(
     };
     let ctrl = Controller::new(tokens, watcher::Config::default());
     let store = ctrl.store();
+    ctx.set_token_store(store.clone());
     let ready_store = store.clone();
     tokio::spawn(async move {
         if ready_store.wait_until_ready().await.is_ok() {

@@ -705,3 +705,39 @@ async fn no_secret_reaches_logs_status_events_or_errors() {
         "{events}"
     );
 }
+
+#[tokio::test]
+async fn two_scgtokens_on_one_credentials_secret_do_not_both_refresh() {
+    let w = World::new().await;
+    w.create("first", |_| {}).await;
+    w.create("second", |s| s.target.name = Some("second-token".into()))
+        .await;
+    let (store, mut writer) = kube::runtime::reflector::store::<ScgToken>();
+    for name in ["first", "second"] {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(w.token(name).await));
+    }
+    w.ctx.set_token_store(store);
+    w.api.issue("token-1", 3600);
+
+    w.reconcile("second").await.unwrap();
+    w.reconcile("first").await.unwrap();
+
+    assert_eq!(
+        w.api.calls(),
+        vec![SEED.to_string()],
+        "only the oldest refreshes"
+    );
+    assert_eq!(w.ready("first").await, ("True".into(), "Refreshed".into()));
+    assert_eq!(
+        w.ready("second").await,
+        ("False".into(), "InvalidSpec".into())
+    );
+    let msg = w
+        .token("second")
+        .await
+        .ready_condition()
+        .unwrap()
+        .message
+        .clone();
+    assert!(msg.contains("\"first\""), "{msg}");
+}

@@ -145,10 +145,25 @@ impl ApiServer {
         &self.kubeconfig
     }
 
-    /// A kube client for this server with default namespace `default`.
-    pub fn client(&self) -> kube::Client {
+    /// The kube `Config` used by [`ApiServer::client`]: this server's URL, default
+    /// namespace `default`, kube's defaults otherwise (including `default_retry`).
+    pub fn client_config(&self) -> kube::Config {
         let uri: http::Uri = self.url().parse().expect("server URL is a valid URI");
-        let config = kube::Config::new(uri);
+        kube::Config::new(uri)
+    }
+
+    /// A kube client for this server with default namespace `default`.
+    ///
+    /// Like any kube 5 client it retries 429/503/504 answers (up to 15 times with
+    /// backoff); use [`ApiServer::client_without_retry`] to see those errors at once.
+    pub fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.client_config()).expect("kube client for a plain http URL")
+    }
+
+    /// Like [`ApiServer::client`] but with kube's automatic retries disabled.
+    pub fn client_without_retry(&self) -> kube::Client {
+        let mut config = self.client_config();
+        config.default_retry = false;
         kube::Client::try_from(config).expect("kube client for a plain http URL")
     }
 

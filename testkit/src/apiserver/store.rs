@@ -180,8 +180,11 @@ impl Store {
             .cloned()
     }
 
+    /// Forgets the event history. The resourceVersion advances (as if some other
+    /// object had been written) so that every version a client holds is too old.
     pub fn compact(&mut self) {
         self.history.clear();
+        self.rv += 1;
         self.compacted = self.rv;
     }
 

@@ -524,6 +524,21 @@ fn scope_of(t: &Target) -> Scope {
     }
 }
 
+/// Managed fields sent by the client replace the server's when they differ from
+/// what the server last rendered (as in a real server).
+fn client_managed(
+    old: &Value,
+    new: &Value,
+    managed: Vec<managed::ManagedEntry>,
+) -> ApiResult<Vec<managed::ManagedEntry>> {
+    let sent = new.pointer("/metadata/managedFields");
+    match sent {
+        Some(sent) if Some(sent) != old.pointer("/metadata/managedFields") => managed::parse(sent)
+            .ok_or_else(|| ApiError::bad_request("invalid metadata.managedFields")),
+        _ => Ok(managed),
+    }
+}
+
 fn update(
     shared: &Arc<Shared>,
     parts: &http::request::Parts,
@@ -559,7 +574,7 @@ fn update(
     let manager = field_manager(parts, q);
     let mut store = shared.lock_store();
     let (old, managed) = store.stored(res, &t.ns, name)?;
-    let (old, mut managed) = (old.clone(), managed.to_vec());
+    let (old, managed) = (old.clone(), managed.to_vec());
     let body_rv = meta_str(&body, "resourceVersion").unwrap_or("");
     if body_rv.is_empty() {
         if !res.unconditional_update {
@@ -573,6 +588,7 @@ fn update(
         return Err(ApiError::stale(res, name));
     }
     let scope = scope_of(t);
+    let mut managed = client_managed(&old, &body, managed)?;
     let new = scoped_update(&old, body, scope);
     managed::record_update(
         &mut managed,
@@ -646,7 +662,7 @@ fn patch_request(
                 {
                     return Err(ApiError::stale(res, name));
                 }
-                let new = managed::apply(
+                let mut result = managed::apply(
                     &mut managed,
                     manager,
                     sub,
@@ -656,8 +672,24 @@ fn patch_request(
                     force,
                     scope,
                     &now,
-                )
-                .map_err(|c| {
+                );
+                if let Err(c) = &result
+                    && manager == "kubectl"
+                    && managed::conflicts_allowed_by_last_applied(&old, c)
+                {
+                    result = managed::apply(
+                        &mut managed,
+                        manager,
+                        sub,
+                        &api_version,
+                        &old,
+                        &patch_body,
+                        true,
+                        scope,
+                        &now,
+                    );
+                }
+                let new = result.map_err(|c| {
                     ApiError::new(409, "Conflict", managed::conflict_message(&c))
                         .with_details(res, name)
                 })?;
@@ -694,7 +726,7 @@ fn patch_request(
     } else {
         let manager = field_manager(parts, q);
         let (old, managed) = store.stored(res, &t.ns, name)?;
-        let (old, mut managed) = (old.clone(), managed.to_vec());
+        let (old, managed) = (old.clone(), managed.to_vec());
         let mut doc = present(res, t.version, &old);
         patch::apply_patch(&mut doc, kind, &patch_body)?;
         if !doc.is_object() {
@@ -712,6 +744,7 @@ fn patch_request(
             ));
         }
         openapi::validate_strict(res, t.version, &doc, q)?;
+        let mut managed = client_managed(&old, &doc, managed)?;
         let new = scoped_update(&old, doc, scope);
         managed::record_update(
             &mut managed,

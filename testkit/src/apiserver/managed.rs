@@ -355,6 +355,32 @@ pub(crate) fn apply(
     Ok(new)
 }
 
+/// Like the real server's last-applied manager: a `kubectl` apply may take over, without
+/// force, fields that client-side apply set (those in the live object's
+/// `kubectl.kubernetes.io/last-applied-configuration`). Returns true when every
+/// conflict is such a field.
+pub(crate) fn conflicts_allowed_by_last_applied(live: &Value, conflicts: &[ApplyConflict]) -> bool {
+    let Some(text) = live
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get("kubectl.kubernetes.io/last-applied-configuration"))
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    let Ok(last) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    let allowed = leaves(
+        &last,
+        Scope::Main {
+            exclude_status: false,
+        },
+    );
+    conflicts
+        .iter()
+        .all(|c| allowed.keys().any(|p| related(p, &c.path)))
+}
+
 /// Kubernetes-style message for apply conflicts.
 pub(crate) fn conflict_message(conflicts: &[ApplyConflict]) -> String {
     let n = conflicts.len();
@@ -411,6 +437,77 @@ pub(crate) fn render(entries: &[ManagedEntry]) -> Value {
             })
             .collect(),
     )
+}
+
+fn parse_fields(v: &Value, path: &mut FieldPath, out: &mut BTreeSet<FieldPath>) {
+    let Some(m) = v.as_object() else {
+        return;
+    };
+    let mut children = false;
+    for (k, child) in m {
+        if let Some(name) = k.strip_prefix("f:") {
+            children = true;
+            path.push(name.to_string());
+            parse_fields(child, path, out);
+            path.pop();
+        } else if k.starts_with("k:") || k.starts_with("v:") || k.starts_with("i:") {
+            // List items: lists are atomic here, so the list itself is owned.
+            if !path.is_empty() {
+                out.insert(path.clone());
+            }
+            return;
+        }
+    }
+    if !children && !path.is_empty() {
+        out.insert(path.clone());
+    }
+}
+
+/// Parses `metadata.managedFields` as written by a client (kubectl rewrites them
+/// when moving from client-side to server-side apply). `None` if malformed.
+pub(crate) fn parse(v: &Value) -> Option<Vec<ManagedEntry>> {
+    let mut out = Vec::new();
+    for e in v.as_array()? {
+        let manager = e
+            .get("manager")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if manager.is_empty() {
+            // `[{}]` resets managed fields.
+            continue;
+        }
+        let operation = match e.get("operation").and_then(Value::as_str) {
+            Some("Apply") => Operation::Apply,
+            Some("Update") => Operation::Update,
+            _ => return None,
+        };
+        let mut fields = BTreeSet::new();
+        if let Some(f) = e.get("fieldsV1") {
+            parse_fields(f, &mut Vec::new(), &mut fields);
+        }
+        out.push(ManagedEntry {
+            manager,
+            operation,
+            api_version: e
+                .get("apiVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            subresource: e
+                .get("subresource")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            time: e
+                .get("time")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            fields,
+        });
+    }
+    Some(out)
 }
 
 /// Entries equal apart from timestamps (a write changing only those is a no-op).

@@ -920,3 +920,49 @@ async fn raw_watch_semantics() {
         other => panic!("expected error event, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn kube_lease_manager_leader_election() {
+    use kube_lease_manager::LeaseManagerBuilder;
+    let server = ApiServer::start().await.expect("start");
+    let manager = |identity: &str| {
+        LeaseManagerBuilder::new(server.client(), "leader")
+            .with_namespace("default")
+            .with_identity(identity)
+            .with_duration(3)
+            .with_grace(1)
+            .build()
+    };
+    let (mut a_rx, a_task) = manager("a").await.expect("manager a").watch().await;
+    tokio::time::timeout(T, a_rx.wait_for(|leader| *leader))
+        .await
+        .expect("a becomes leader in time")
+        .expect("a's manager runs");
+
+    let (mut b_rx, b_task) = manager("b").await.expect("manager b").watch().await;
+    // While a renews, b stays a follower (its non-forced apply conflicts).
+    let still_waiting =
+        tokio::time::timeout(Duration::from_secs(2), b_rx.wait_for(|leader| *leader))
+            .await
+            .is_err();
+    assert!(still_waiting, "b must not take a held lease");
+    let leases: Api<Lease> = Api::default_namespaced(server.client());
+    let lease = leases.get("leader").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("a"));
+
+    // a steps down (closing its channel releases the lease); b takes over.
+    drop(a_rx);
+    tokio::time::timeout(T, a_task)
+        .await
+        .expect("a stops in time")
+        .expect("a's task")
+        .expect("a's manager");
+    tokio::time::timeout(T, b_rx.wait_for(|leader| *leader))
+        .await
+        .expect("b becomes leader in time")
+        .expect("b's manager runs");
+    let lease = leases.get("leader").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some("b"));
+    drop(b_rx);
+    let _ = tokio::time::timeout(T, b_task).await;
+}

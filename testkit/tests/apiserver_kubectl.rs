@@ -312,6 +312,28 @@ async fn kubectl_workflow() {
         "{out}"
     );
 
+    // Typed kubectl commands send protobuf bodies.
+    let out = k
+        .ok(&[
+            "create",
+            "secret",
+            "generic",
+            "cli-secret",
+            "--from-literal=token=abc",
+        ])
+        .await;
+    assert!(out.contains("secret/cli-secret created"), "{out}");
+    let out = k
+        .ok(&[
+            "get",
+            "secret",
+            "cli-secret",
+            "-o",
+            "jsonpath={.data.token} {.type}",
+        ])
+        .await;
+    assert_eq!(out, "YWJj Opaque");
+
     let out = k.ok(&["delete", "-f", &objects]).await;
     assert!(
         out.contains("scgtoken.scgtoken.io \"demo\" deleted"),

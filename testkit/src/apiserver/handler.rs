@@ -17,7 +17,7 @@ use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::{DeleteOpts, main_scope, scoped_update};
 use super::util::{self, ApiError, ApiResult, meta_str};
-use super::{discovery, openapi, table, watch};
+use super::{discovery, openapi, protobuf, table, watch};
 
 pub(crate) type Resp = hyper::Response<Body>;
 
@@ -256,6 +256,23 @@ fn verb_of(method: &Method, t: &Target, q: &Query) -> ApiResult<&'static str> {
     })
 }
 
+fn content_type(parts: &http::request::Parts) -> &str {
+    parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// A create/update body: JSON, or protobuf for the kinds kubectl's typed clients send.
+fn object_body(parts: &http::request::Parts, body: &Bytes) -> ApiResult<Value> {
+    if content_type(parts).starts_with("application/vnd.kubernetes.protobuf") {
+        protobuf::decode(body)
+    } else {
+        patch::parse_body(body, false)
+    }
+}
+
 fn field_manager(parts: &http::request::Parts, q: &Query) -> String {
     if let Some(m) = q.get("fieldManager").filter(|m| !m.is_empty()) {
         return m.clone();
@@ -313,6 +330,13 @@ fn resource_request(
         return Err(ApiError::injected(code));
     }
     let output = output_format(&parts.headers)?;
+    if !body.is_empty() && content_type(parts).contains("cbor") {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (Secret, ConfigMap, Namespace only)",
+        ));
+    }
     let res = t.res.clone();
     match verb {
         "get" => {
@@ -342,7 +366,7 @@ fn resource_request(
             )
         }
         "create" => {
-            let body = patch::parse_body(body, false)?;
+            let body = object_body(parts, body)?;
             openapi::validate_strict(&res, t.version, &body, q)?;
             let manager = field_manager(parts, q);
             let obj = shared
@@ -549,7 +573,7 @@ fn update(
 ) -> ApiResult<Resp> {
     let res = &t.res;
     let name = t.name.as_deref().unwrap_or("");
-    let body = patch::parse_body(body, false)?;
+    let body = object_body(parts, body)?;
     if !body.is_object() {
         return Err(ApiError::bad_request(
             "the request body must be a JSON object",

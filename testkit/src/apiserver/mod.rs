@@ -54,7 +54,9 @@
 //!   schema for custom resources and schemas that accept any object for built-ins.
 //!   The documents advertise the `fieldValidation` parameter so kubectl validates
 //!   server-side.
-//! * Only JSON is spoken (no protobuf, no CBOR, no HTTP/2).
+//! * Only JSON is spoken (no CBOR, no HTTP/2), except that protobuf request bodies of
+//!   Secrets, ConfigMaps and Namespaces are decoded (kubectl's typed clients send them,
+//!   e.g. `kubectl create secret generic`); responses are always JSON.
 //! * Dry-run (`dryRun=All`) is honoured on create, update, patch and delete.
 
 mod control;
@@ -64,6 +66,7 @@ mod jsonpath;
 mod managed;
 mod openapi;
 mod patch;
+mod protobuf;
 mod resources;
 mod selector;
 mod store;

@@ -68,7 +68,7 @@ fn columns(res: &ResourceDef, version: &str) -> Vec<Column> {
             col("Message", "string", ".note"),
         ],
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
-            vec![col("Created At", "date", AGE)]
+            vec![col("Created At", "date", "#created")]
         }
         _ => vec![col("Age", "date", AGE)],
     }
@@ -105,6 +105,13 @@ fn cell(c: &Column, obj: &Value) -> Value {
                 .unwrap_or(1);
             return json!(format!("{ready}/{want}"));
         }
+        "#created" => {
+            // Real servers print the CRD creation time as a timestamp, not an age.
+            return obj
+                .pointer("/metadata/creationTimestamp")
+                .cloned()
+                .unwrap_or(Value::Null);
+        }
         "#involved" | "#regarding" => {
             let field = if c.json_path == "#involved" {
                 "involvedObject"
@@ -124,23 +131,16 @@ fn cell(c: &Column, obj: &Value) -> Value {
         }
         _ => {}
     }
-    let found = jsonpath::eval(&c.json_path, obj);
-    if found.is_empty() || found.iter().all(Value::is_null) {
+    // Like the real custom resource printer, only the first match is shown.
+    let Some(first) = jsonpath::eval(&c.json_path, obj).into_iter().next() else {
         return Value::Null;
-    }
-    match c.type_.as_str() {
-        "date" => match &found[0] {
-            Value::String(s) => json!(age_of(s)),
-            other => other.clone(),
-        },
-        "integer" | "number" | "boolean" if found.len() == 1 => found[0].clone(),
-        _ => json!(
-            found
-                .iter()
-                .map(scalar_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
+    };
+    match (c.type_.as_str(), &first) {
+        (_, Value::Null) => Value::Null,
+        // Real servers print dates as ages; future dates show as "<invalid>".
+        ("date", Value::String(s)) => json!(age_of(s)),
+        ("integer" | "number" | "boolean", _) => first,
+        _ => json!(scalar_string(&first)),
     }
 }
 

@@ -966,3 +966,41 @@ async fn kube_lease_manager_leader_election() {
     drop(b_rx);
     let _ = tokio::time::timeout(T, b_task).await;
 }
+
+#[tokio::test]
+async fn event_recorder_creates_then_patches_series() {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::runtime::events::{Event as RtEvent, EventType, Recorder, Reporter};
+    let server = ApiServer::start().await.expect("start");
+    let client = server.client();
+    let secrets: Api<Secret> = Api::default_namespaced(client.clone());
+    let s = secrets
+        .create(&PostParams::default(), &secret("about", &[]))
+        .await
+        .unwrap();
+    let recorder = Recorder::new(client.clone(), Reporter::from("testkit-test"));
+    let reference = kube::Resource::object_ref(&s, &());
+    let ev = RtEvent {
+        type_: EventType::Normal,
+        reason: "Refreshed".into(),
+        note: Some("token refreshed".into()),
+        action: "Refresh".into(),
+        secondary: None,
+    };
+    recorder
+        .publish(&ev, &reference)
+        .await
+        .expect("create event");
+    recorder
+        .publish(&ev, &reference)
+        .await
+        .expect("patch event series");
+    let events: Api<K8sEvent> = Api::default_namespaced(client.clone());
+    let list = events.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    let e = &list.items[0];
+    assert_eq!(e.reason.as_deref(), Some("Refreshed"));
+    assert_eq!(e.series.as_ref().map(|s| s.count), Some(2));
+    assert_eq!(server.counters().get("create", "events.k8s.io/events"), 1);
+    assert_eq!(server.counters().get("patch", "events.k8s.io/events"), 1);
+}

@@ -220,6 +220,15 @@ async fn kubectl_workflow() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field \"spec.bogus\""));
 
+    let bad_secret = write(
+        &dir,
+        "bad-secret.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: bad\nbogus: 1\n",
+    );
+    let out = k.spawn(&["apply", "-f", &bad_secret]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field \"bogus\""));
+
     // Printer columns via server-side printing, with the plural and the short name.
     for what in ["scgtokens", "scgt"] {
         let out = k.ok(&["get", what]).await;

@@ -28,10 +28,11 @@
 //!   410 `Expired` Status, as real servers do. [`Faults::compact_history`] forces this.
 //! * Bookmarks are sent every 5 seconds by default (`allowWatchBookmarks=true`);
 //!   see [`Faults::set_bookmark_interval`].
-//! * Validation: CRD objects are checked for the required names; custom resources are
-//!   only validated for unknown fields against the CRD schema when the client asks for
-//!   `fieldValidation=Strict` (kubectl does); built-in objects are not validated
-//!   beyond `apiVersion`/`kind`/name checks. No pruning of unknown CR fields.
+//! * Validation: CRDs are checked for the names and versions a server needs; other
+//!   objects are only checked for unknown fields, and only when the client asks for
+//!   `fieldValidation=Strict` (kubectl does by default): against the CRD schema for
+//!   custom resources (metadata not checked), against k8s-openapi's schemas for
+//!   built-ins. No type or required-field validation, no pruning of unknown CR fields.
 //! * Strategic merge patch is a JSON merge patch that also understands the `$patch`,
 //!   `$retainKeys`, `$setElementOrder/...` and `$deleteFromPrimitiveList/...`
 //!   directives and merges the usual keyed lists (`containers`, `env`, `ports`,
@@ -51,8 +52,9 @@
 //!   a status subresource) changes. Secrets/ConfigMaps/Leases have no generation.
 //! * CRDs get `status.conditions` Established/NamesAccepted = True immediately.
 //! * `/openapi/v2` answers 404; `/openapi/v3` serves minimal documents: the CRD's
-//!   schema for custom resources and schemas that accept any object for built-ins.
-//!   The documents advertise the `fieldValidation` parameter so kubectl validates
+//!   schema for custom resources and schemas that accept any object for built-ins
+//!   (so kubectl falls back to its compiled-in strategic-merge metadata). The
+//!   documents advertise the `fieldValidation` parameter so kubectl validates
 //!   server-side.
 //! * Only JSON is spoken (no CBOR, no HTTP/2), except that protobuf request bodies of
 //!   Secrets, ConfigMaps and Namespaces are decoded (kubectl's typed clients send them,

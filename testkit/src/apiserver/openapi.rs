@@ -3,10 +3,12 @@
 //! Custom resources get the CRD's `openAPIV3Schema` (plus `apiVersion`, `kind`,
 //! `metadata`); built-in kinds get a schema that accepts any object. Every document
 //! declares the `fieldValidation` query parameter on PATCH so that kubectl leaves
-//! validation to the server, which checks custom resources for unknown fields when
-//! asked for `fieldValidation=Strict`.
+//! validation to the server, which checks for unknown fields when asked for
+//! `fieldValidation=Strict` (CRD schema for custom resources, k8s-openapi's schemas
+//! for built-ins).
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use serde_json::{Map, Value, json};
 
@@ -151,7 +153,60 @@ fn build(resources: &[(ResourceDef, String)]) -> Value {
     })
 }
 
-fn unknown_fields(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+/// JSON Schemas of the built-in kinds, from k8s-openapi (generated once).
+fn builtin_schema(res: &ResourceDef) -> Option<&'static Value> {
+    use k8s_openapi::api::{apps, coordination, core, events};
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions;
+    static SCHEMAS: OnceLock<BTreeMap<(&'static str, &'static str), Value>> = OnceLock::new();
+    let schemas = SCHEMAS.get_or_init(|| {
+        fn s<T: schemars::JsonSchema>() -> Value {
+            serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null)
+        }
+        BTreeMap::from([
+            (("", "Secret"), s::<core::v1::Secret>()),
+            (("", "ConfigMap"), s::<core::v1::ConfigMap>()),
+            (("", "Namespace"), s::<core::v1::Namespace>()),
+            (("", "Event"), s::<core::v1::Event>()),
+            (("events.k8s.io", "Event"), s::<events::v1::Event>()),
+            (
+                ("coordination.k8s.io", "Lease"),
+                s::<coordination::v1::Lease>(),
+            ),
+            (("apps", "Deployment"), s::<apps::v1::Deployment>()),
+            (("apps", "StatefulSet"), s::<apps::v1::StatefulSet>()),
+            (("apps", "DaemonSet"), s::<apps::v1::DaemonSet>()),
+            (
+                ("apiextensions.k8s.io", "CustomResourceDefinition"),
+                s::<apiextensions::v1::CustomResourceDefinition>(),
+            ),
+        ])
+    });
+    schemas
+        .iter()
+        .find(|((g, k), _)| *g == res.group && *k == res.kind)
+        .map(|(_, v)| v)
+        .filter(|v| v.is_object())
+}
+
+/// Follows `$ref: "#/$defs/NAME"` (k8s-openapi schemas) within `root`.
+fn resolve<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
+    let mut cur = schema;
+    for _ in 0..32 {
+        match cur
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+            .and_then(|name| root.get("$defs").and_then(|d| d.get(name)))
+        {
+            Some(next) => cur = next,
+            None => break,
+        }
+    }
+    cur
+}
+
+fn unknown_fields(schema: &Value, root: &Value, v: &Value, path: &str, out: &mut Vec<String>) {
+    let schema = resolve(schema, root);
     if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
         return;
     }
@@ -166,10 +221,10 @@ fn unknown_fields(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) 
                     format!("{path}.{k}")
                 };
                 if let Some(s) = props.and_then(|p| p.get(k)) {
-                    unknown_fields(s, child, &child_path, out);
+                    unknown_fields(s, root, child, &child_path, out);
                 } else if let Some(a) = additional {
                     if a.is_object() {
-                        unknown_fields(a, child, &child_path, out);
+                        unknown_fields(a, root, child, &child_path, out);
                     }
                 } else if props.is_some() {
                     out.push(child_path);
@@ -179,7 +234,7 @@ fn unknown_fields(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) 
         Value::Array(items) => {
             if let Some(s) = schema.get("items") {
                 for (i, item) in items.iter().enumerate() {
-                    unknown_fields(s, item, &format!("{path}[{i}]"), out);
+                    unknown_fields(s, root, item, &format!("{path}[{i}]"), out);
                 }
             }
         }
@@ -187,36 +242,32 @@ fn unknown_fields(schema: &Value, v: &Value, path: &str, out: &mut Vec<String>) 
     }
 }
 
-/// With `fieldValidation=Strict`, rejects custom resources with fields their CRD
-/// schema does not declare (built-ins are not checked).
+/// With `fieldValidation=Strict` (kubectl's default), rejects objects with fields
+/// their schema does not declare: the CRD schema for custom resources (metadata not
+/// checked), k8s-openapi's schema for built-ins.
 pub(crate) fn validate_strict(
     res: &ResourceDef,
     version: &str,
     obj: &Value,
     q: &Query,
 ) -> ApiResult<()> {
-    if q.get("fieldValidation").map(String::as_str) != Some("Strict") || !res.custom {
+    if q.get("fieldValidation").map(String::as_str) != Some("Strict") {
         return Ok(());
     }
-    let Some(schema) = res.schemas.get(version) else {
-        return Ok(());
-    };
     let mut out = Vec::new();
-    if let Some(m) = obj.as_object() {
-        for (k, child) in m {
-            if matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
-                continue;
-            }
-            match schema.pointer(&format!("/properties/{k}")) {
-                Some(s) => unknown_fields(s, child, k, &mut out),
-                None if schema.get("x-kubernetes-preserve-unknown-fields")
-                    != Some(&Value::Bool(true)) =>
-                {
-                    out.push(k.clone())
-                }
-                None => {}
-            }
+    if res.custom {
+        let Some(schema) = res.schemas.get(version) else {
+            return Ok(());
+        };
+        let mut body = obj.clone();
+        if let Some(m) = body.as_object_mut() {
+            m.remove("metadata");
+            m.remove("apiVersion");
+            m.remove("kind");
         }
+        unknown_fields(schema, schema, &body, "", &mut out);
+    } else if let Some(schema) = builtin_schema(res) {
+        unknown_fields(schema, schema, obj, "", &mut out);
     }
     if out.is_empty() {
         return Ok(());

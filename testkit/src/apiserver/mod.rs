@@ -40,16 +40,21 @@
 //! * Server-side apply tracks managed fields per (manager, operation, subresource) with
 //!   every list treated as an atomic leaf (no `listType=map` merging); `metadata`
 //!   tracks only `labels`, `annotations`, `finalizers` and `ownerReferences`.
-//!   `metadata.managedFields` sent by clients is ignored (the server owns it).
-//!   The field manager of non-apply writes is the `fieldManager` parameter or the
-//!   `User-Agent` prefix before `/`.
+//!   `metadata.managedFields` sent by a client replaces the server's only when it
+//!   differs from what the server last returned (kubectl's client-side to
+//!   server-side apply migration relies on this). As in a real server, an apply by
+//!   the `kubectl` manager may take over, without force, fields recorded in the
+//!   `kubectl.kubernetes.io/last-applied-configuration` annotation. The field
+//!   manager of non-apply writes is the `fieldManager` parameter or the
+//!   `User-Agent` prefix before `/`; apply requires `fieldManager` (400 otherwise).
 //! * Garbage collection is synchronous: deleting an object deletes (or, with
 //!   `propagationPolicy=Orphan`, orphans) its dependents before the response is sent;
 //!   `Foreground` behaves like `Background`. Dependents are only looked up by
 //!   `ownerReferences[].uid`; objects created with a dangling owner are not collected.
 //! * `metadata.generation` exists for apps/v1 workloads, CRDs and custom resources and
 //!   is bumped when anything outside `metadata` (and `status`, when the resource has
-//!   a status subresource) changes. Secrets/ConfigMaps/Leases have no generation.
+//!   a status subresource) changes, and when `deletionTimestamp` is set.
+//!   Secrets/ConfigMaps/Leases have no generation.
 //! * CRDs get `status.conditions` Established/NamesAccepted = True immediately.
 //! * `/openapi/v2` answers 404; `/openapi/v3` serves minimal documents: the CRD's
 //!   schema for custom resources and schemas that accept any object for built-ins
@@ -60,6 +65,20 @@
 //!   Secrets, ConfigMaps and Namespaces are decoded (kubectl's typed clients send them,
 //!   e.g. `kubectl create secret generic`); responses are always JSON.
 //! * Dry-run (`dryRun=All`) is honoured on create, update, patch and delete.
+//!
+//! # Things users should know
+//!
+//! * Errors are `Status` objects with the real reasons (`NotFound`, `AlreadyExists`,
+//!   `Conflict`, `Invalid`, `BadRequest`, `Expired` for 410, `ServiceUnavailable`...).
+//! * kube 5 clients retry 429/503/504 up to 15 times with backoff, so with
+//!   [`Faults::set_outage`] or `fail_next(.., 503)` a plain [`ApiServer::client`]
+//!   appears to hang; use [`ApiServer::client_without_retry`] to see the errors.
+//! * Printer columns of type `date` are shown as ages, like a real server: a date in
+//!   the future prints as `<invalid>`.
+//! * kubectl caches discovery per server URL under `~/.kube/cache`; pass
+//!   `--cache-dir` to keep test runs apart.
+//! * Metadata-only (`as=PartialObjectMetadata[List]`) and `as=Table` Accept headers
+//!   work for get, list and watch.
 
 mod control;
 mod discovery;

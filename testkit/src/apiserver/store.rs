@@ -672,6 +672,10 @@ impl Store {
                 let meta = meta_mut(&mut obj);
                 meta.insert("deletionTimestamp".into(), json!(util::now_rfc3339()));
                 meta.insert("deletionGracePeriodSeconds".into(), json!(0));
+                // Like a real server, marking for deletion bumps the generation.
+                if let Some(g) = meta.get("generation").and_then(Value::as_i64) {
+                    meta.insert("generation".into(), json!(g + 1));
+                }
                 let rv = self.next_rv();
                 meta_mut(&mut obj).insert("resourceVersion".into(), json!(rv.to_string()));
                 if k.0.is_empty() && k.1 == "namespaces" {

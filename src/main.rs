@@ -108,9 +108,15 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format, &args.log_level)?;
-    let client = kube::Client::try_default()
+    let mut kube_config = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    // The client's built-in retry of 429/503 backs off for up to minutes inside one
+    // call; the reconciler retries on its own schedule (a token waiting to be stored:
+    // every second), and a call that hangs would also outlast the shutdown grace period.
+    kube_config.default_retry = false;
+    let client =
+        kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
     let identity = args
         .identity
         .or_else(|| std::env::var("HOSTNAME").ok())

@@ -96,6 +96,23 @@ impl TokenApi for FakeApi {
     }
 }
 
+/// A fresh operator context: what a newly started process has (nothing in memory).
+fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<FakeClock>) -> Arc<Context> {
+    let reporter = Reporter {
+        controller: "scg-token-operator".into(),
+        instance: Some("test".into()),
+    };
+    Arc::new(Context::new(
+        client.clone(),
+        api.clone(),
+        clock.clone(),
+        Recorder::new(client.clone(), reporter),
+        Arc::new(Metrics::register(&mut Registry::default())),
+        Leadership::always(),
+        false,
+    ))
+}
+
 struct World {
     server: ApiServer,
     client: kube::Client,
@@ -117,19 +134,7 @@ impl World {
         let clock = Arc::new(FakeClock(Mutex::new(
             Timestamp::from_second(1_800_000_000).unwrap(),
         )));
-        let reporter = Reporter {
-            controller: "scg-token-operator".into(),
-            instance: Some("test".into()),
-        };
-        let ctx = Arc::new(Context::new(
-            client.clone(),
-            api.clone(),
-            clock.clone(),
-            Recorder::new(client.clone(), reporter),
-            Arc::new(Metrics::register(&mut Registry::default())),
-            Leadership::always(),
-            false,
-        ));
+        let ctx = context(&client, &api, &clock);
         let w = World {
             server,
             client,
@@ -332,21 +337,7 @@ async fn a_restart_continues_from_the_target_secret_not_the_seed() {
 
     // A new process: nothing in memory.
     let fresh = World {
-        ctx: Arc::new(Context::new(
-            w.client.clone(),
-            w.api.clone(),
-            w.clock.clone(),
-            Recorder::new(
-                w.client.clone(),
-                Reporter {
-                    controller: "scg-token-operator".into(),
-                    instance: None,
-                },
-            ),
-            Arc::new(Metrics::register(&mut Registry::default())),
-            Leadership::always(),
-            false,
-        )),
+        ctx: context(&w.client, &w.api, &w.clock),
         ..w
     };
     fresh.clock.advance(Duration::from_secs(50));

@@ -169,10 +169,7 @@ pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, 
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let span = info_span!("reconcile", namespace = %namespace, scgtoken = %name);
-    let result = Pass::new(&obj, &ctx, namespace, name)
-        .run()
-        .instrument(span)
-        .await;
+    let result = fresh_pass(&ctx, namespace, name).instrument(span).await;
     ctx.metrics.reconciles.inc();
     ctx.metrics
         .reconcile_duration
@@ -184,6 +181,26 @@ pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, 
             .inc();
     }
     result
+}
+
+/// Runs one pass on the ScgToken as the API server has it now. The controller's cached
+/// copy can predate this process's own last status write (the watch event of a target
+/// Secret it just wrote may trigger the next pass first), and acting on a stale status
+/// would repeat a refresh; passes of one object never overlap, so a fresh read sees the
+/// last pass's writes.
+async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Action, Error> {
+    if !ctx.leadership.is_leader() {
+        // Standby: becoming leader re-reconciles every ScgToken.
+        return Ok(Action::await_change());
+    }
+    let api: Api<ScgToken> = Api::namespaced(ctx.client.clone(), &namespace);
+    match api.get_opt(&name).await? {
+        Some(obj) => Pass::new(&obj, ctx, namespace, name).run().await,
+        None => {
+            ctx.forget(&(namespace, name));
+            Ok(Action::await_change())
+        }
+    }
 }
 
 /// Requeue after a failed pass. A token waiting to be stored is retried quickly.
@@ -235,10 +252,6 @@ impl<'a> Pass<'a> {
     async fn run(mut self) -> Result<Action, Error> {
         if self.obj.metadata.deletion_timestamp.is_some() {
             self.ctx.forget(&self.key);
-            return Ok(Action::await_change());
-        }
-        if !self.ctx.leadership.is_leader() {
-            // Standby: becoming leader re-reconciles every ScgToken.
             return Ok(Action::await_change());
         }
         let spec = &self.obj.spec;

@@ -732,3 +732,33 @@ async fn two_scgtokens_on_one_credentials_secret_do_not_both_refresh() {
         .clone();
     assert!(msg.contains("\"first\""), "{msg}");
 }
+
+#[tokio::test]
+async fn a_stale_cached_object_does_not_repeat_a_refresh() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    let annotate = serde_json::json!({"metadata": {"annotations": {
+        "scgtoken.io/refresh-requested-at": "now"}}});
+    w.tokens()
+        .patch(
+            "messaging",
+            &PatchParams::default(),
+            &Patch::Merge(&annotate),
+        )
+        .await
+        .unwrap();
+    // What a watch cache may still hold after the next pass wrote status.
+    let stale = Arc::new(w.token("messaging").await);
+    w.api.issue("token-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    w.api.issue("token-3", 3600);
+    reconcile(stale, w.ctx.clone()).await.unwrap();
+    assert_eq!(w.api.calls().len(), 2, "the request was honoured once");
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-2")
+    );
+}

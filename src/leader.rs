@@ -14,7 +14,8 @@ use kube_lease_manager::{LeaseManagerBuilder, LeaseParams};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// How long the Lease must still be held, when checked before a refresh call.
+/// How long the Lease must still be held, when checked before a refresh call; a third
+/// of the lease duration for leases shorter than 15 s.
 pub const SAFETY_MARGIN: Duration = Duration::from_secs(5);
 
 /// Whether this replica may refresh tokens.
@@ -24,6 +25,7 @@ pub struct Leadership(Option<Arc<Elected>>);
 /// The state of an election; absent when election is off and this replica always leads.
 struct Elected {
     rx: watch::Receiver<bool>,
+    margin: SignedDuration,
     api: Api<Lease>,
     name: String,
     identity: String,
@@ -45,6 +47,7 @@ impl Leadership {
     pub async fn confirm(&self, now: Timestamp) -> bool {
         let Some(Elected {
             rx,
+            margin,
             api,
             name,
             identity,
@@ -69,8 +72,7 @@ impl Leadership {
             return false;
         };
         let held_until = renewed.0 + SignedDuration::from_secs(i64::from(secs));
-        holder == *identity
-            && held_until > now + SignedDuration::try_from(SAFETY_MARGIN).unwrap_or_default()
+        holder == *identity && held_until > now + *margin
     }
 
     /// A receiver that changes whenever leadership does (for re-reconciling everything on
@@ -139,8 +141,10 @@ pub async fn elect(
             Err(e) => warn!(error = %e, "could not release the leader lease"),
         }
     });
+    let margin = SAFETY_MARGIN.min(Duration::from_secs(duration) / 3);
     let leadership = Leadership(Some(Arc::new(Elected {
         rx,
+        margin: SignedDuration::try_from(margin).unwrap_or_default(),
         api: Api::namespaced(client, &config.namespace),
         name: config.name,
         identity: config.identity,

@@ -18,7 +18,7 @@ use kube::{
         Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder},
-        reflector::{ObjectRef, Store},
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -757,15 +757,23 @@ pub fn controller(
         ),
         None => (Api::all(client.clone()), Api::all(client)),
     };
-    let ctrl = Controller::new(tokens, watcher::Config::default());
-    let store = ctrl.store();
+    // The ScgToken reflector is built here rather than by the Controller so that its
+    // first complete list (InitDone) can mark the operator ready.
+    let (store, writer) = reflector::store();
+    let mut ready = Some(ready);
+    let token_events = watcher(tokens, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::InitDone) = event
+                && let Some(ready) = ready.take()
+            {
+                ready();
+            }
+        })
+        .applied_objects();
+    let ctrl = Controller::for_stream(token_events, store.clone());
     ctx.set_token_store(store.clone());
-    let ready_store = store.clone();
-    tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready();
-        }
-    });
     let secret_events = watcher(secrets, watcher::Config::default()).touched_objects();
     let mut ctrl = ctrl.watches_stream(secret_events, move |s| referencing(&store, &s));
     if let Some(mut rx) = ctx.leadership.changes() {

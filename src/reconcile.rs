@@ -254,6 +254,23 @@ impl<'a> Pass<'a> {
             self.ctx.forget(&self.key);
             return Ok(Action::await_change());
         }
+        let mut target = chain::load_target(&self.secrets, self.obj).await?;
+        // A token received earlier and not yet stored goes first, whatever else has
+        // changed (spec, suspension, credentials): nothing happens until it is safe.
+        if let Some(pending) = self.ctx.remembered(&self.key).filter(|r| !r.persisted) {
+            let base = match &target {
+                Target::Owned(s) => Some(s.as_ref()),
+                _ => None,
+            };
+            match chain::persist(&self.secrets, self.obj, base, &pending.chain).await {
+                Ok(written) => {
+                    info!("stored the token held in memory");
+                    self.ctx.remember(&self.key, pending.chain, true);
+                    target = Target::Owned(Box::new(written));
+                }
+                Err(e) => return self.pending(e).await,
+            }
+        }
         let spec = &self.obj.spec;
         let checked = policy::validate(spec).and_then(|s| {
             Endpoint::parse(&spec.endpoint, self.ctx.allow_insecure)
@@ -284,23 +301,6 @@ impl<'a> Pass<'a> {
             return self.finish(Reason::Suspended, msg, None).await;
         }
 
-        let mut target = chain::load_target(&self.secrets, self.obj).await?;
-        // A token received earlier and not yet stored goes first: nothing else happens
-        // for this chain until it is safe.
-        if let Some(pending) = self.ctx.remembered(&self.key).filter(|r| !r.persisted) {
-            let base = match &target {
-                Target::Owned(s) => Some(s.as_ref()),
-                _ => None,
-            };
-            match chain::persist(&self.secrets, self.obj, base, &pending.chain).await {
-                Ok(written) => {
-                    info!("stored the token held in memory");
-                    self.ctx.remember(&self.key, pending.chain, true);
-                    target = Target::Owned(Box::new(written));
-                }
-                Err(e) => return self.pending(e).await,
-            }
-        }
         let mut base = match target {
             Target::Foreign => {
                 self.next.next_refresh_at = None;

@@ -762,3 +762,31 @@ async fn a_stale_cached_object_does_not_repeat_a_refresh() {
         Some("token-2")
     );
 }
+
+#[tokio::test]
+async fn a_token_held_in_memory_is_stored_even_after_the_spec_changes() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.server.faults().fail_next("create", "secrets", 100, 500);
+    assert!(w.reconcile("messaging").await.is_err());
+
+    let suspend = serde_json::json!({"spec": {"suspend": true}});
+    w.tokens()
+        .patch(
+            "messaging",
+            &PatchParams::default(),
+            &Patch::Merge(&suspend),
+        )
+        .await
+        .unwrap();
+    w.server.faults().fail_next("create", "secrets", 0, 500);
+    w.reconcile("messaging").await.unwrap();
+
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-1")
+    );
+    assert_eq!(w.ready("messaging").await.1, "Suspended");
+    assert_eq!(w.api.calls().len(), 1);
+}

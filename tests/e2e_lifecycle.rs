@@ -109,15 +109,6 @@ async fn first_token(env: &Env, target: &str, seed: &str) -> String {
     .await
 }
 
-/// A skipped test has started no operator, so [`Env::finish`] (which insists on logs)
-/// does not apply; this only removes the namespace a real cluster run created.
-async fn skip_cleanup(env: Env) {
-    if env.api.is_none() {
-        let nss: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(env.client.clone());
-        let _ = nss.delete(&env.namespace, &DeleteParams::default()).await;
-    }
-}
-
 fn to_timestamp(t: std::time::SystemTime) -> jiff::Timestamp {
     jiff::Timestamp::try_from(t).expect("a time after 1970")
 }
@@ -614,7 +605,7 @@ async fn stored_from(env: &Env, held: &str) -> String {
 async fn failing_secret_writes_hold_the_new_token_in_memory() {
     let env = Env::start(sim_config(30)).await;
     if env.needs_test_server("failing_secret_writes_hold_the_new_token_in_memory") {
-        skip_cleanup(env).await;
+        env.skip().await;
         return;
     }
     let (_op, first) = settled_chain(&env).await;
@@ -661,7 +652,7 @@ async fn an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory() {
     let env = Env::start(sim_config(30)).await;
     if env.needs_test_server("an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory")
     {
-        skip_cleanup(env).await;
+        env.skip().await;
         return;
     }
     let faults = env.api.as_ref().unwrap().faults();
@@ -724,7 +715,7 @@ async fn an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory() {
 async fn a_new_token_that_cannot_be_stored_is_reported_as_pending() {
     let env = Env::start(sim_config(30)).await;
     if env.needs_test_server("a_new_token_that_cannot_be_stored_is_reported_as_pending") {
-        skip_cleanup(env).await;
+        env.skip().await;
         return;
     }
     let (_op, first) = settled_chain(&env).await;

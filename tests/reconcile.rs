@@ -196,6 +196,16 @@ impl World {
             .map_err(|e| e.to_string())
     }
 
+    /// What `kubectl annotate scgtoken NAME scgtoken.io/refresh-requested-at=VALUE` does.
+    async fn request_refresh(&self, name: &str, value: &str) {
+        let annotate = serde_json::json!({"metadata": {"annotations": {
+            scg_token_operator::crd::REFRESH_REQUEST_ANNOTATION: value}}});
+        self.tokens()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&annotate))
+            .await
+            .expect("annotate");
+    }
+
     async fn token(&self, name: &str) -> ScgToken {
         self.tokens().get(name).await.expect("get ScgToken")
     }
@@ -588,16 +598,7 @@ async fn a_refresh_request_annotation_is_honoured_once() {
     w.api.issue("token-1", 3600);
     w.reconcile("messaging").await.unwrap();
 
-    let annotate = serde_json::json!({"metadata": {"annotations": {
-        "scgtoken.io/refresh-requested-at": "2027-01-01T00:00:00Z"}}});
-    w.tokens()
-        .patch(
-            "messaging",
-            &PatchParams::default(),
-            &Patch::Merge(&annotate),
-        )
-        .await
-        .unwrap();
+    w.request_refresh("messaging", "2027-01-01T00:00:00Z").await;
     w.api.issue("token-2", 3600);
     w.reconcile("messaging").await.unwrap();
     w.reconcile("messaging").await.unwrap();
@@ -739,16 +740,7 @@ async fn a_stale_cached_object_does_not_repeat_a_refresh() {
     w.create("messaging", |_| {}).await;
     w.api.issue("token-1", 3600);
     w.reconcile("messaging").await.unwrap();
-    let annotate = serde_json::json!({"metadata": {"annotations": {
-        "scgtoken.io/refresh-requested-at": "now"}}});
-    w.tokens()
-        .patch(
-            "messaging",
-            &PatchParams::default(),
-            &Patch::Merge(&annotate),
-        )
-        .await
-        .unwrap();
+    w.request_refresh("messaging", "now").await;
     // What a watch cache may still hold after the next pass wrote status.
     let stale = Arc::new(w.token("messaging").await);
     w.api.issue("token-2", 3600);

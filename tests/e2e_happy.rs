@@ -11,6 +11,10 @@ use testkit::scgsim::SimConfig;
 async fn keeps_a_valid_token_in_the_target_across_rotations() {
     let env = Env::start(SimConfig {
         validity_cap: Duration::from_secs(4),
+        // Between the API revoking the old token and the Secret write landing there is
+        // an unavoidable window of milliseconds; a second of grace keeps sampling honest
+        // without hiding a token that stays dead.
+        grace: Duration::from_secs(1),
         ..SimConfig::default()
     })
     .await;

@@ -51,8 +51,8 @@ pub struct Chain {
     pub seed_fingerprint: String,
 }
 
-/// What stands at the target Secret's name.
-#[derive(Debug, Clone)]
+/// What stands at the target Secret's name. Not `Debug`: it holds a Secret's data.
+#[derive(Clone)]
 pub enum Target {
     Absent,
     /// A Secret without the ownership marker: never touched.
@@ -101,8 +101,7 @@ pub async fn load_credentials(
     owner: &ScgToken,
 ) -> Result<Credentials, LoadError> {
     let r = &owner.spec.credentials_secret_ref;
-    let secret = api
-        .get_opt(&r.name)
+    let secret = bounded(api.get_opt(&r.name))
         .await?
         .ok_or_else(|| LoadError::Missing(format!("credentials Secret {:?} not found", r.name)))?;
     let get = |key: &str| {
@@ -120,8 +119,7 @@ pub async fn load_credentials(
         headers: Vec::new(),
     };
     if let Some(h) = &owner.spec.headers_from {
-        let secret = api
-            .get_opt(&h.name)
+        let secret = bounded(api.get_opt(&h.name))
             .await?
             .ok_or_else(|| LoadError::Missing(format!("headers Secret {:?} not found", h.name)))?;
         for key in secret.data.iter().flat_map(|d| d.keys()) {
@@ -137,7 +135,7 @@ pub async fn load_credentials(
 
 /// Reads the target Secret.
 pub async fn load_target(api: &Api<Secret>, owner: &ScgToken) -> Result<Target, kube::Error> {
-    Ok(match api.get_opt(&owner.target_name()).await? {
+    Ok(match bounded(api.get_opt(&owner.target_name())).await? {
         None => Target::Absent,
         Some(s) if is_owned_by(&s, owner) => Target::Owned(Box::new(s)),
         Some(_) => Target::Foreign,
@@ -232,12 +230,45 @@ pub fn desired_secret(owner: &ScgToken, base: Option<&Secret>, chain: &Chain) ->
     s
 }
 
+/// Longest wait for one Kubernetes API request. The client has no read timeout of its
+/// own (watches must not have one), and a request that never returns would stall the
+/// chain's pending write and the shutdown behind it.
+pub const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `f`, or a timeout error after [`API_TIMEOUT`].
+pub async fn bounded<T>(
+    f: impl std::future::Future<Output = Result<T, kube::Error>>,
+) -> Result<T, kube::Error> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(result) => result,
+        Err(_) => Err(kube::Error::Service(Box::new(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the Kubernetes API did not answer in time",
+        )))),
+    }
+}
+
+/// A Kubernetes API error in the operator's own words: the code and reason of an API
+/// answer, never its message (admission webhooks may quote the object, here a token).
+pub fn describe(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("the Kubernetes API answered {} {}", s.code, s.reason),
+        kube::Error::Service(_) | kube::Error::HyperError(_) => {
+            "the Kubernetes API could not be reached or did not answer in time".into()
+        }
+        _ => "the Kubernetes API request failed".into(),
+    }
+}
+
 /// Why a write of the target Secret did not land.
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     #[error("Secret {0:?} exists and is not managed by this ScgToken")]
     Foreign(String),
-    #[error("writing Secret {name:?} failed: {source}")]
+    /// A token issued after this one is already stored: this one is obsolete.
+    #[error("Secret {0:?} already holds a newer token")]
+    Superseded(String),
+    #[error("writing Secret {name:?} failed: {}", describe(source))]
     Kube {
         name: String,
         #[source]
@@ -265,8 +296,8 @@ pub async fn persist(
         attempt += 1;
         let desired = desired_secret(owner, current.as_ref(), chain);
         let result = match &current {
-            Some(_) => api.replace(&name, &PostParams::default(), &desired).await,
-            None => api.create(&PostParams::default(), &desired).await,
+            Some(_) => bounded(api.replace(&name, &PostParams::default(), &desired)).await,
+            None => bounded(api.create(&PostParams::default(), &desired)).await,
         };
         let err = match result {
             Ok(written) => return Ok(written),
@@ -283,8 +314,18 @@ pub async fn persist(
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
         // Re-read: a conflict, a vanished Secret or a failed write all want a fresh copy.
-        current = match api.get_opt(&name).await {
-            Ok(Some(s)) if is_owned_by(&s, owner) => Some(s),
+        current = match bounded(api.get_opt(&name)).await {
+            Ok(Some(s)) if is_owned_by(&s, owner) => {
+                // Never lay an older token over a newer one (an old leader finishing late).
+                let stored = stored_chain(&s, owner).and_then(|c| c.times.issued_at);
+                if stored.is_some()
+                    && chain.times.issued_at.is_some()
+                    && stored > chain.times.issued_at
+                {
+                    return Err(PersistError::Superseded(name));
+                }
+                Some(s)
+            }
             Ok(Some(_)) => return Err(PersistError::Foreign(name)),
             Ok(None) => None,
             Err(_) => current,

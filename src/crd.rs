@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// API group of the custom resource.
 pub const GROUP: &str = "scgtoken.io";
 /// Label put on every target Secret the operator creates; the ownership marker together
-/// with [`OWNER_ANNOTATION`]. The operator only watches and writes Secrets that carry it.
+/// with [`OWNER_ANNOTATION`]. The operator only writes Secrets that carry it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// Value of [`MANAGED_BY_LABEL`].
 pub const MANAGED_BY_VALUE: &str = "scg-token-operator";

@@ -14,7 +14,7 @@ pub mod reconcile;
 pub mod report;
 pub mod scg;
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
@@ -24,7 +24,7 @@ use tracing::info;
 /// Errors of a reconcile pass or of start-up. Messages never carry a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("Kubernetes API: {0}")]
+    #[error("{}", chain::describe(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Persist(#[from] chain::PersistError),
@@ -32,8 +32,6 @@ pub enum Error {
     Election(#[from] kube_lease_manager::LeaseManagerError),
     #[error("admin server: {0}")]
     Io(#[from] std::io::Error),
-    #[error("HTTP client: {0}")]
-    HttpClient(#[from] reqwest::Error),
 }
 
 impl Error {
@@ -44,7 +42,6 @@ impl Error {
             Error::Persist(_) => "persist",
             Error::Election(_) => "election",
             Error::Io(_) => "io",
-            Error::HttpClient(_) => "http_client",
         }
     }
 }
@@ -130,12 +127,19 @@ pub async fn run(
     ));
     let ready = state.clone();
     use futures::StreamExt;
-    reconcile::controller(ctx, config.namespace.as_deref(), stopped(), move || {
-        info!("caches synced; ready");
-        ready.set_ready();
-    })
+    reconcile::controller(
+        ctx.clone(),
+        config.namespace.as_deref(),
+        stopped(),
+        move || {
+            info!("caches synced; ready");
+            ready.set_ready();
+        },
+    )
     .for_each(|()| async {})
     .await;
+    // A token received in the last pass whose write failed is still ours to store.
+    ctx.flush_pending(Duration::from_secs(15)).await;
     let _ = release_tx.send(());
     if let Some(task) = election {
         let _ = task.await;

@@ -119,8 +119,12 @@ async fn run(args: RunArgs) -> Result<(), String> {
         kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
     let identity = args
         .identity
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| format!("scg-token-operator-{}", std::process::id()));
+        // Two processes on one host (or hostNetwork pods) must not share an identity,
+        // or both would believe they hold the Lease.
+        .unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "scg-token-operator".into());
+            format!("{host}-{}", std::process::id())
+        });
     let election = args.leader_elect.then(|| ElectionConfig {
         namespace: args
             .lease_namespace

@@ -219,8 +219,6 @@ pub enum FailureKind {
     Rejected,
     /// The API or the network failed; retry sooner, honouring `Retry-After`.
     Unavailable { retry_after: Option<Duration> },
-    /// The Kubernetes API failed (e.g. writing the target Secret): retry soon.
-    Cluster,
 }
 
 /// When to try again after the `failures`-th failure in a row (`failures >= 1`).
@@ -245,11 +243,12 @@ pub fn retry_at(
     };
     let delay = match kind {
         FailureKind::Rejected => return add_ms(now, exp(REJECTED_BACKOFF)),
+        // Honoured as given, but never sooner than MIN_INTERVAL (a `Retry-After: 0` must
+        // not become a tight loop).
         FailureKind::Unavailable {
             retry_after: Some(after),
-        } => (after.as_millis() as i64).min(UNAVAILABLE_BACKOFF.1.as_millis() as i64),
+        } => after.max(MIN_INTERVAL).as_millis() as i64,
         FailureKind::Unavailable { retry_after: None } => exp(UNAVAILABLE_BACKOFF),
-        FailureKind::Cluster => exp((Duration::from_millis(500), Duration::from_secs(30))),
     };
     let delay = match expires_at {
         Some(exp_at) if exp_at > now => {
@@ -552,7 +551,24 @@ mod tests {
             (FailureKind::Rejected, 1, far, 30.0, 60.0),
             (FailureKind::Rejected, 3, Some(t(20)), 120.0, 240.0),
             (FailureKind::Rejected, 30, far, 1800.0, 3600.0),
-            (FailureKind::Cluster, 1, far, 0.25, 0.5),
+            (
+                FailureKind::Unavailable {
+                    retry_after: Some(Duration::ZERO),
+                },
+                1,
+                far,
+                1.0,
+                1.0,
+            ),
+            (
+                FailureKind::Unavailable {
+                    retry_after: Some(Duration::from_secs(900)),
+                },
+                1,
+                far,
+                900.0,
+                900.0,
+            ),
         ];
         for (kind, failures, expires, lo, hi) in table {
             for key in 0..20 {

@@ -54,6 +54,9 @@ pub struct Context {
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
     tokens: OnceLock<Store<ScgToken>>,
     refreshed_events: Mutex<HashMap<Key, Timestamp>>,
+    /// The last refresh-request annotation value acted on, in case its status write
+    /// did not land: a request is honoured once.
+    handled_requests: Mutex<HashMap<Key, Option<String>>>,
 }
 
 type Key = (String, String);
@@ -86,6 +89,7 @@ impl Context {
             allow_insecure,
             chains: Mutex::default(),
             refreshed_events: Mutex::default(),
+            handled_requests: Mutex::default(),
             tokens: OnceLock::new(),
         }
     }
@@ -119,6 +123,74 @@ impl Context {
             .map(|t| t.name_any())
     }
 
+    fn handled_request(&self, key: &Key) -> Option<String> {
+        self.handled_requests
+            .lock()
+            .ok()?
+            .get(key)
+            .cloned()
+            .flatten()
+    }
+
+    fn set_handled_request(&self, key: &Key, value: Option<String>) {
+        if let Ok(mut m) = self.handled_requests.lock() {
+            m.insert(key.clone(), value);
+        }
+    }
+
+    /// Writes every token still held in memory, retrying each second until `within`
+    /// has passed. Called on shutdown after the last pass, before the Lease is released.
+    pub async fn flush_pending(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let pending: Vec<Key> = match self.chains.lock() {
+                Ok(m) => m
+                    .iter()
+                    .filter(|(_, r)| !r.persisted)
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                Err(_) => return,
+            };
+            if pending.is_empty() {
+                return;
+            }
+            for key in pending {
+                // Only the write: no refresh call may start during shutdown.
+                let tokens: Api<ScgToken> = Api::namespaced(self.client.clone(), &key.0);
+                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
+                let (Ok(Some(obj)), Some(r)) = (
+                    chain::bounded(tokens.get_opt(&key.1)).await,
+                    self.remembered(&key),
+                ) else {
+                    continue;
+                };
+                let base = match chain::load_target(&secrets, &obj).await {
+                    Ok(Target::Owned(s)) => Some(*s),
+                    Ok(_) => None,
+                    Err(_) => continue,
+                };
+                match chain::persist(&secrets, &obj, base.as_ref(), &r.chain).await {
+                    Ok(_) | Err(chain::PersistError::Superseded(_)) => {
+                        info!(
+                            namespace = key.0,
+                            scgtoken = key.1,
+                            "stored the token held in memory"
+                        );
+                        self.remember(&key, r.chain, true);
+                    }
+                    Err(e) => {
+                        warn!(namespace = key.0, scgtoken = key.1, error = %e, "could not store the token held in memory")
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                warn!("shutting down with a token still held in memory");
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     fn remembered(&self, key: &Key) -> Option<Remembered> {
         self.chains.lock().ok()?.get(key).cloned()
     }
@@ -143,6 +215,9 @@ impl Context {
             }
         }
         if let Ok(mut m) = self.refreshed_events.lock() {
+            m.remove(key);
+        }
+        if let Ok(mut m) = self.handled_requests.lock() {
             m.remove(key);
         }
     }
@@ -189,15 +264,17 @@ pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, 
 /// would repeat a refresh; passes of one object never overlap, so a fresh read sees the
 /// last pass's writes.
 async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Action, Error> {
-    if !ctx.leadership.is_leader() {
-        // Standby: becoming leader re-reconciles every ScgToken.
+    // A standby does nothing (becoming leader re-reconciles every ScgToken), except
+    // store a token it received while it led: storing is not refreshing.
+    if !ctx.leadership.is_leader() && !ctx.has_pending(&namespace, &name) {
         return Ok(Action::await_change());
     }
     let api: Api<ScgToken> = Api::namespaced(ctx.client.clone(), &namespace);
-    match api.get_opt(&name).await? {
+    match chain::bounded(api.get_opt(&name)).await? {
         Some(obj) => Pass::new(&obj, ctx, namespace, name).run().await,
         None => {
-            ctx.forget(&(namespace, name));
+            ctx.forget(&(namespace.clone(), name.clone()));
+            ctx.metrics.forget(&TokenLabels { namespace, name });
             Ok(Action::await_change())
         }
     }
@@ -250,10 +327,6 @@ impl<'a> Pass<'a> {
     }
 
     async fn run(mut self) -> Result<Action, Error> {
-        if self.obj.metadata.deletion_timestamp.is_some() {
-            self.ctx.forget(&self.key);
-            return Ok(Action::await_change());
-        }
         let mut target = chain::load_target(&self.secrets, self.obj).await?;
         // A token received earlier and not yet stored goes first, whatever else has
         // changed (spec, suspension, credentials): nothing happens until it is safe.
@@ -268,8 +341,17 @@ impl<'a> Pass<'a> {
                     self.ctx.remember(&self.key, pending.chain, true);
                     target = Target::Owned(Box::new(written));
                 }
+                Err(chain::PersistError::Superseded(_)) => {
+                    warn!("a newer token than the one held in memory is already stored");
+                    self.ctx.remember(&self.key, pending.chain, true);
+                    target = chain::load_target(&self.secrets, self.obj).await?;
+                }
                 Err(e) => return self.pending(e).await,
             }
+        }
+        if self.obj.metadata.deletion_timestamp.is_some() || !self.ctx.leadership.is_leader() {
+            self.ctx.forget(&self.key);
+            return Ok(Action::await_change());
         }
         let spec = &self.obj.spec;
         let checked = policy::validate(spec).and_then(|s| {
@@ -379,7 +461,9 @@ impl<'a> Pass<'a> {
             .annotations()
             .get(REFRESH_REQUEST_ANNOTATION)
             .cloned();
-        let requested = request.is_some() && request != self.prev.last_refresh_request;
+        let requested = request.is_some()
+            && request != self.prev.last_refresh_request
+            && request != self.ctx.handled_request(&self.key);
         let inputs_changed = self.obj.metadata.generation != self.prev.observed_generation
             || self.prev.credentials_fingerprint.as_ref() != Some(&attempt_fingerprint);
         let jitter_key = policy::jitter_key(&self.obj.uid().unwrap_or_default());
@@ -400,14 +484,18 @@ impl<'a> Pass<'a> {
             return self.wait(&current, until).await;
         }
 
-        if !self.ctx.leadership.confirm(self.now).await {
+        if !self.ctx.leadership.confirm(self.ctx.clock.now()).await {
             warn!("not refreshing: the leader lease is not held with a safe margin");
             return Ok(Action::requeue(Duration::from_secs(2)));
         }
         if requested {
             info!("refresh requested by annotation");
+            self.ctx.set_handled_request(&self.key, request.clone());
             self.next.last_refresh_request = request;
         }
+        // The token's life starts no later than the request leaves: an expiry computed
+        // from the answer's arrival would be late by the call's duration.
+        let sent_at = self.ctx.clock.now();
         let call_started = Instant::now();
         let result = self
             .ctx
@@ -431,8 +519,10 @@ impl<'a> Pass<'a> {
             Err(e) => return self.failed(e, &current, jitter_key).await,
         };
         self.count_refresh("success");
-
-        let issued_at = self.ctx.clock.now();
+        // The call succeeded: whatever happens to the write, the failure streak is over.
+        let failures = self.prev.consecutive_failures;
+        self.next.consecutive_failures = 0;
+        let issued_at = sent_at;
         // A lifetime of zero means a token that does not expire: schedule it by the
         // requested validity anyway, so it keeps being rotated.
         let lifetime = if refreshed.lifetime.is_zero() {
@@ -467,8 +557,6 @@ impl<'a> Pass<'a> {
             "token refreshed and stored"
         );
 
-        let failures = self.prev.consecutive_failures;
-        self.next.consecutive_failures = 0;
         self.next.credentials_fingerprint = Some(inputs_fingerprint(self.obj, &credentials, &new));
         self.show_chain(&new);
         let due = policy::next_refresh(&settings, new.times, jitter_key);
@@ -527,6 +615,8 @@ impl<'a> Pass<'a> {
         jitter_key: u64,
     ) -> Result<Action, Error> {
         self.count_refresh(e.label());
+        // Back off from the failure's end, not the pass's start (a timeout takes a while).
+        let now = self.ctx.clock.now();
         let (kind, reason) = match &e {
             RefreshError::Rejected { .. } => (FailureKind::Rejected, Reason::Rejected),
             RefreshError::RateLimited { retry_after } => (
@@ -548,8 +638,8 @@ impl<'a> Pass<'a> {
         };
         let failures = self.prev.consecutive_failures.saturating_add(1);
         let expires_at = current.times.expires_at;
-        let retry = policy::retry_at(self.now, kind, failures, expires_at, jitter_key);
-        let expired = expires_at.is_some_and(|t| t <= self.now);
+        let retry = policy::retry_at(now, kind, failures, expires_at, jitter_key);
+        let expired = expires_at.is_some_and(|t| t <= now);
         let validity = match expires_at {
             Some(t) if expired => format!("the token expired at {t}"),
             Some(t) => format!("the current token stays valid until {t}"),
@@ -558,7 +648,7 @@ impl<'a> Pass<'a> {
         let msg = format!("{e}; attempt {failures} failed, next at {retry}; {validity}");
         warn!(error = %e, failures, retry_at = %retry, "refresh failed");
         self.next.consecutive_failures = failures;
-        self.next.last_failure_at = Some(Time(self.now));
+        self.next.last_failure_at = Some(Time(now));
         self.next.next_refresh_at = Some(Time(retry));
         let reason = if expired { Reason::Expired } else { reason };
         self.finish(reason, msg, Some(retry)).await
@@ -635,7 +725,7 @@ impl<'a> Pass<'a> {
         mut self,
         reason: Reason,
         message: String,
-        wake: Option<Timestamp>,
+        mut wake: Option<Timestamp>,
     ) -> Result<Action, Error> {
         let previous = self.obj.ready_condition();
         if previous.map(|c| c.reason.as_str()) != Some(reason.as_str()) {
@@ -677,12 +767,18 @@ impl<'a> Pass<'a> {
                 "kind": "ScgToken",
                 "status": self.next,
             });
-            api.patch_status(
+            let written = chain::bounded(api.patch_status(
                 &self.key.1,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
-            )
-            .await?;
+            ))
+            .await;
+            if let Err(e) = written {
+                // The schedule computed here still holds (a back-off is not cut short);
+                // without one, try again soon so the status catches up.
+                warn!(error = %chain::describe(&e), "could not write status");
+                wake = wake.or(Some(self.now + SignedDuration::from_secs(5)));
+            }
         }
         let reference = self.obj.object_ref(&());
         for event in &self.events {
@@ -774,7 +870,9 @@ pub fn controller(
         .applied_objects();
     let ctrl = Controller::for_stream(token_events, store.clone());
     ctx.set_token_store(store.clone());
-    let secret_events = watcher(secrets, watcher::Config::default()).touched_objects();
+    let secret_events = watcher(secrets, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
     let mut ctrl = ctrl.watches_stream(secret_events, move |s| referencing(&store, &s));
     if let Some(mut rx) = ctx.leadership.changes() {
         let became_leader = async_stream(move |tx| async move {

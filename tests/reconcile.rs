@@ -21,6 +21,7 @@ use kube::{
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
+    chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
     leader::Leadership,
     policy::Clock,
@@ -781,4 +782,62 @@ async fn a_token_held_in_memory_is_stored_even_after_the_spec_changes() {
     );
     assert_eq!(w.ready("messaging").await.1, "Suspended");
     assert_eq!(w.api.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn storing_a_held_token_after_a_failure_streak_reports_refreshed() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.fail(RefreshError::Unavailable { status: 503 });
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.ready("messaging").await.1, "Unavailable");
+
+    w.clock.advance(Duration::from_secs(5));
+    w.api.issue("token-1", 3600);
+    w.server.faults().fail_next("create", "secrets", 100, 500);
+    assert!(w.reconcile("messaging").await.is_err());
+    assert_eq!(w.ready("messaging").await.1, "Pending");
+
+    w.server.faults().fail_next("create", "secrets", 0, 500);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(
+        w.ready("messaging").await,
+        ("True".into(), "Refreshed".into())
+    );
+    let status = w.token("messaging").await.status.unwrap();
+    assert_eq!(status.consecutive_failures, 0);
+    assert_eq!(w.api.calls().len(), 2);
+}
+
+#[tokio::test]
+async fn an_older_token_never_overwrites_a_newer_one() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    let owner = w.token("messaging").await;
+    let stale_read = w.secrets().get("messaging").await.unwrap();
+
+    w.clock.advance(Duration::from_secs(3000));
+    w.api.issue("token-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+
+    // A late writer holding a token issued before token-2, with an old resourceVersion.
+    let older = chain::Chain {
+        token: SecretString::new("token-late"),
+        times: scg_token_operator::policy::TokenTimes {
+            issued_at: Some(w.clock.now() - SignedDuration::from_secs(10)),
+            expires_at: Some(w.clock.now() + SignedDuration::from_secs(60)),
+        },
+        seed_fingerprint: chain::fingerprint(&owner, SEED),
+    };
+    let result = chain::persist(&w.secrets(), &owner, Some(&stale_read), &older).await;
+    assert!(
+        matches!(result, Err(chain::PersistError::Superseded(_))),
+        "{result:?}"
+    );
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-2")
+    );
 }

@@ -19,45 +19,8 @@ use testkit::apiserver::ApiServer;
 
 const T: Duration = Duration::from_secs(10);
 
-pub const CRD_YAML: &str = r#"
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: scgtokens.scgtoken.io
-spec:
-  group: scgtoken.io
-  scope: Namespaced
-  names:
-    plural: scgtokens
-    singular: scgtoken
-    kind: ScgToken
-    listKind: ScgTokenList
-    shortNames: [scgt]
-  versions:
-  - name: v1alpha1
-    served: true
-    storage: true
-    subresources:
-      status: {}
-    additionalPrinterColumns:
-    - name: Ready
-      type: string
-      jsonPath: .status.conditions[?(@.type=="Ready")].status
-    - name: Expires
-      type: date
-      jsonPath: .status.expiresAt
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            properties:
-              secretName: {type: string}
-          status:
-            type: object
-            x-kubernetes-preserve-unknown-fields: true
-"#;
+/// A CRD of the same shape as the operator's (the test kit does not depend on it).
+pub const CRD_YAML: &str = include_str!("fixtures/scgtoken-crd.yaml");
 
 fn secret(name: &str, labels: &[(&str, &str)]) -> Secret {
     serde_json::from_value(json!({

@@ -6,58 +6,8 @@ use std::time::Duration;
 
 use testkit::apiserver::ApiServer;
 
-const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: scgtokens.scgtoken.io
-spec:
-  group: scgtoken.io
-  scope: Namespaced
-  names:
-    plural: scgtokens
-    singular: scgtoken
-    kind: ScgToken
-    listKind: ScgTokenList
-    shortNames: [scgt]
-  versions:
-  - name: v1alpha1
-    served: true
-    storage: true
-    subresources:
-      status: {}
-    additionalPrinterColumns:
-    - name: Ready
-      type: string
-      jsonPath: .status.conditions[?(@.type=="Ready")].status
-    - name: Expires
-      type: date
-      jsonPath: .status.expiresAt
-    - name: Next Refresh
-      type: date
-      jsonPath: .status.nextRefreshAt
-    - name: Age
-      type: date
-      jsonPath: .metadata.creationTimestamp
-    schema:
-      openAPIV3Schema:
-        type: object
-        properties:
-          spec:
-            type: object
-            properties:
-              secretName: {type: string}
-              refreshBeforeSeconds: {type: integer}
-          status:
-            type: object
-            properties:
-              expiresAt: {type: string}
-              nextRefreshAt: {type: string}
-              conditions:
-                type: array
-                items:
-                  type: object
-                  x-kubernetes-preserve-unknown-fields: true
-"#;
+/// A CRD of the same shape as the operator's (the test kit does not depend on it).
+const CRD: &str = include_str!("fixtures/scgtoken-crd.yaml");
 
 const OBJECTS: &str = r#"apiVersion: scgtoken.io/v1alpha1
 kind: ScgToken

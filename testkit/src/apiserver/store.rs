@@ -622,29 +622,22 @@ impl Store {
         let Some(stored) = self.objects.get(&k) else {
             return Err(ApiError::not_found(res, name));
         };
-        if let Some(uid) = &opts.uid
-            && meta_str(&stored.obj, "uid") != Some(uid.as_str())
-        {
-            return Err(ApiError::conflict(
-                res,
-                name,
-                &format!(
-                    "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
-                    meta_str(&stored.obj, "uid").unwrap_or("")
-                ),
-            ));
-        }
-        if let Some(rv) = &opts.resource_version
-            && meta_str(&stored.obj, "resourceVersion") != Some(rv.as_str())
-        {
-            return Err(ApiError::conflict(
-                res,
-                name,
-                &format!(
-                    "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
-                    meta_str(&stored.obj, "resourceVersion").unwrap_or("")
-                ),
-            ));
+        for (label, field, wanted) in [
+            ("UID", "uid", &opts.uid),
+            ("ResourceVersion", "resourceVersion", &opts.resource_version),
+        ] {
+            if let Some(wanted) = wanted
+                && meta_str(&stored.obj, field) != Some(wanted.as_str())
+            {
+                return Err(ApiError::conflict(
+                    res,
+                    name,
+                    &format!(
+                        "Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {}",
+                        meta_str(&stored.obj, field).unwrap_or("")
+                    ),
+                ));
+            }
         }
         if opts.dry_run {
             return Ok(stored.obj.clone());

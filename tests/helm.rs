@@ -1,0 +1,536 @@
+//! Checks the Helm chart in charts/scg-token-operator against the kustomize install.
+//!
+//! Both are rendered (`helm template`, `kubectl kustomize`) and compared in substance: the
+//! permissions granted, the pod and container security contexts, probes, ports, args,
+//! resources and the CRD must be the same, whatever the object names and labels.
+//!
+//! The rendering tests need helm and kubectl, so they are `#[ignore]`d in a plain
+//! `cargo test` and show as such in its summary. Run them with
+//!
+//! ```sh
+//! SCG_HELM=$(testenv/helm/build) cargo test --test helm -- --ignored
+//! ```
+//!
+//! Without SCG_HELM they run testenv/helm/build themselves; a missing tool fails them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use serde::Deserialize as _;
+use serde_yaml::Value;
+
+const NEEDS_HELM: &str = "needs helm: run testenv/helm/build";
+const RELEASE: &str = "scg-token-operator";
+const NAMESPACE: &str = "scg-token-operator";
+const CHART: &str = "charts/scg-token-operator";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The helm binary: $SCG_HELM, else whatever testenv/helm/build prints (building it on
+/// first use). Panics when neither works: an ignored test that was asked for must not
+/// pass without having checked anything.
+fn helm() -> &'static Path {
+    static HELM: OnceLock<PathBuf> = OnceLock::new();
+    HELM.get_or_init(|| {
+        if let Some(path) = std::env::var_os("SCG_HELM").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "SCG_HELM={} is not a file ({NEEDS_HELM})",
+                path.display()
+            );
+            return path;
+        }
+        let build = repo().join("testenv/helm/build");
+        let out = Command::new(&build)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e} ({NEEDS_HELM})", build.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({NEEDS_HELM}):\n{}",
+            build.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `helm template` of the chart as the kustomize install names things: release and
+/// namespace scg-token-operator. `args` adds values (`-f FILE`, `--set k=v`).
+fn helm_template(args: &[&str]) -> Result<Vec<Value>, String> {
+    let out = run(Command::new(helm())
+        .current_dir(repo())
+        .args(["template", RELEASE, CHART, "--namespace", NAMESPACE])
+        .arg("--include-crds")
+        .args(args))?;
+    Ok(parse_docs(&out))
+}
+
+fn chart(args: &[&str]) -> Vec<Value> {
+    helm_template(args).unwrap_or_else(|e| panic!("helm template {args:?}: {e}"))
+}
+
+fn kustomize(dir: &str) -> Vec<Value> {
+    let path = repo().join("deploy").join(dir);
+    let out = run(Command::new("kubectl").arg("kustomize").arg(&path))
+        .unwrap_or_else(|e| panic!("kubectl kustomize {}: {e}", path.display()));
+    parse_docs(&out)
+}
+
+fn parse_docs(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Follows a dotted path; `Value::Null` if any step is missing.
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    static NULL: Value = Value::Null;
+    path.split('.')
+        .fold(v, |v, key| match key.parse::<usize>() {
+            Ok(i) => v.get(i).unwrap_or(&NULL),
+            Err(_) => v.get(key).unwrap_or(&NULL),
+        })
+}
+
+fn s<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("{path} is not a string"))
+}
+
+fn seq(v: &Value) -> &[Value] {
+    v.as_sequence().map_or(&[], |s| s.as_slice())
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    seq(v).iter().filter_map(Value::as_str).collect()
+}
+
+fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| get(o, "kind") == kind).collect()
+}
+
+fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
+    let found = of_kind(objs, kind);
+    assert_eq!(found.len(), 1, "expected exactly one {kind}");
+    found[0]
+}
+
+fn container(objs: &[Value]) -> &Value {
+    let containers = seq(get(
+        one(objs, "Deployment"),
+        "spec.template.spec.containers",
+    ));
+    assert_eq!(containers.len(), 1, "one container");
+    &containers[0]
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    seq(get(container, "env"))
+        .iter()
+        .find(|e| get(e, "name") == name)
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    let (Some(sel), Some(labels)) = (selector.as_mapping(), labels.as_mapping()) else {
+        return false;
+    };
+    !sel.is_empty() && sel.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Where a role applies ("cluster" or its namespace) -> its (apiGroup, resource,
+/// resourceName, verb) grants, for every role bound to the operator's ServiceAccount.
+/// Role names may differ between the two installs; what they grant, where, may not.
+type Grants = BTreeMap<String, BTreeSet<(String, String, String, String)>>;
+
+fn grants(objs: &[Value]) -> Grants {
+    let mut out = Grants::new();
+    for binding in objs.iter().filter(|o| {
+        matches!(
+            get(o, "kind").as_str(),
+            Some("RoleBinding" | "ClusterRoleBinding")
+        )
+    }) {
+        let subjects: Vec<(&str, &str, &str)> = seq(get(binding, "subjects"))
+            .iter()
+            .map(|x| (s(x, "kind"), s(x, "name"), s(x, "namespace")))
+            .collect();
+        assert_eq!(
+            subjects,
+            [("ServiceAccount", RELEASE, NAMESPACE)],
+            "{binding:?}"
+        );
+        let ns = get(binding, "metadata.namespace").as_str();
+        let (kind, name) = (s(binding, "roleRef.kind"), s(binding, "roleRef.name"));
+        let role = objs
+            .iter()
+            .find(|o| {
+                get(o, "kind") == kind
+                    && get(o, "metadata.name") == name
+                    && get(o, "metadata.namespace").as_str() == ns.filter(|_| kind == "Role")
+            })
+            .unwrap_or_else(|| panic!("binding to a missing {kind} {name}"));
+        let scope = ns.map_or("cluster".to_owned(), |n| format!("namespace {n}"));
+        let set = out.entry(scope).or_default();
+        for rule in seq(get(role, "rules")) {
+            let mut names = strs(get(rule, "resourceNames"));
+            if names.is_empty() {
+                names.push("*");
+            }
+            for g in strs(get(rule, "apiGroups")) {
+                for r in strs(get(rule, "resources")) {
+                    for n in &names {
+                        for v in strs(get(rule, "verbs")) {
+                            set.insert((g.into(), r.into(), n.to_string(), v.into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The chart's extra env entries only restate the operator's built-in defaults, so the
+/// two installs configure the operator the same way.
+fn assert_env_equivalent(helm: &Value, kustomize: &Value) {
+    for e in seq(get(kustomize, "env")) {
+        assert_eq!(
+            env(helm, s(e, "name")),
+            Some(e),
+            "env {} differs",
+            s(e, "name")
+        );
+    }
+    let defaults = [
+        ("SCG_LEASE_NAME", "scg-token-operator"),
+        ("SCG_ADMIN_ADDR", "0.0.0.0:8080"),
+    ];
+    for e in seq(get(helm, "env")) {
+        let name = s(e, "name");
+        if env(kustomize, name).is_some() {
+            continue;
+        }
+        let default = defaults
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("the chart sets {name}, the kustomize install does not"));
+        assert_eq!(get(e, "value").as_str(), Some(default.1), "{name}");
+    }
+}
+
+/// What both installs must agree on, object by object.
+fn assert_same_substance(helm: &[Value], kustomize: &[Value]) {
+    assert_eq!(grants(helm), grants(kustomize), "RBAC differs");
+
+    let (hd, kd) = (one(helm, "Deployment"), one(kustomize, "Deployment"));
+    for path in [
+        "spec.replicas",
+        "spec.template.spec.securityContext",
+        "spec.template.spec.automountServiceAccountToken",
+        "spec.template.spec.terminationGracePeriodSeconds",
+        "spec.template.spec.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution.0.podAffinityTerm.topologyKey",
+    ] {
+        assert_eq!(
+            difference(get(hd, path), get(kd, path), path),
+            None,
+            "Deployment"
+        );
+        assert!(!get(kd, path).is_null(), "{path} missing on both sides");
+    }
+    let (hc, kc) = (container(helm), container(kustomize));
+    for path in [
+        "securityContext",
+        "livenessProbe",
+        "readinessProbe",
+        "ports",
+        "args",
+        "resources",
+        "image",
+        "imagePullPolicy",
+    ] {
+        assert_eq!(
+            difference(get(hc, path), get(kc, path), path),
+            None,
+            "container"
+        );
+        assert!(!get(kc, path).is_null(), "{path} missing on both sides");
+    }
+    assert_env_equivalent(hc, kc);
+
+    // The pods are found by the chart's own selectors.
+    let pod_labels = get(hd, "spec.template.metadata.labels");
+    assert!(labels_match(
+        get(hd, "spec.selector.matchLabels"),
+        pod_labels
+    ));
+    let term = get(
+        hd,
+        "spec.template.spec.affinity.podAntiAffinity.preferredDuringSchedulingIgnoredDuringExecution.0.podAffinityTerm",
+    );
+    assert!(labels_match(
+        get(term, "labelSelector.matchLabels"),
+        pod_labels
+    ));
+    let (hp, kp) = (
+        one(helm, "PodDisruptionBudget"),
+        one(kustomize, "PodDisruptionBudget"),
+    );
+    assert_eq!(get(hp, "spec.minAvailable"), get(kp, "spec.minAvailable"));
+    assert!(labels_match(
+        get(hp, "spec.selector.matchLabels"),
+        pod_labels
+    ));
+    let (hs, ks) = (one(helm, "Service"), one(kustomize, "Service"));
+    assert_eq!(s(hs, "metadata.name"), s(ks, "metadata.name"));
+    assert_eq!(get(hs, "spec.ports"), get(ks, "spec.ports"));
+    assert!(labels_match(get(hs, "spec.selector"), pod_labels));
+    let (ha, ka) = (
+        one(helm, "ServiceAccount"),
+        one(kustomize, "ServiceAccount"),
+    );
+    assert_eq!(
+        get(ha, "automountServiceAccountToken"),
+        get(ka, "automountServiceAccountToken")
+    );
+
+    // The CRD is the same object (the chart's copy is also checked byte for byte).
+    let crds = (
+        one(helm, "CustomResourceDefinition"),
+        one(kustomize, "CustomResourceDefinition"),
+    );
+    assert_eq!(difference(crds.0, crds.1, "CRD"), None);
+    // Everything the chart creates is in the release namespace or cluster-scoped.
+    for o in helm {
+        let ns = get(o, "metadata.namespace").as_str();
+        match get(o, "kind").as_str() {
+            Some("CustomResourceDefinition" | "ClusterRole" | "ClusterRoleBinding") => {
+                assert_eq!(ns, None, "{o:?}")
+            }
+            Some("Role" | "RoleBinding") => assert!(ns.is_some(), "{o:?}"),
+            _ => assert_eq!(ns, Some(NAMESPACE), "{o:?}"),
+        }
+    }
+}
+
+/// The first place where two values differ, as a path; numbers compare by value, since
+/// kustomize writes `90.0` as `90`.
+fn difference(a: &Value, b: &Value, path: &str) -> Option<String> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => None,
+        (Value::Mapping(x), Value::Mapping(y)) => x.keys().chain(y.keys()).find_map(|k| {
+            let name = k.as_str().unwrap_or("?");
+            match (x.get(k), y.get(k)) {
+                (Some(va), Some(vb)) => difference(va, vb, &format!("{path}.{name}")),
+                _ => Some(format!("{path}.{name}: only on one side")),
+            }
+        }),
+        (Value::Sequence(x), Value::Sequence(y)) if x.len() == y.len() => x
+            .iter()
+            .zip(y)
+            .enumerate()
+            .find_map(|(i, (va, vb))| difference(va, vb, &format!("{path}.{i}"))),
+        _ if a == b => None,
+        _ => Some(format!("{path}: {a:?} vs {b:?}")),
+    }
+}
+
+fn kinds(objs: &[Value]) -> BTreeSet<&str> {
+    objs.iter()
+        .filter_map(|o| get(o, "kind").as_str())
+        .collect()
+}
+
+#[test]
+fn chart_crd_is_a_copy_of_the_generated_crd() {
+    let generated = repo().join("crds/scgtoken.yaml");
+    let copy = repo().join(CHART).join("crds/scgtoken.yaml");
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    assert!(
+        read(&generated) == read(&copy),
+        "{} differs from {}: cp crds/scgtoken.yaml {CHART}/crds/",
+        copy.display(),
+        generated.display()
+    );
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn default_rendering_matches_the_kustomize_base() {
+    let helm = chart(&[]);
+    let base = kustomize("base");
+    assert_same_substance(&helm, &base);
+    // The same kinds, but for the Namespace: Helm installs into one (--create-namespace).
+    let mut expected = kinds(&base);
+    expected.remove("Namespace");
+    assert_eq!(kinds(&helm), expected);
+    assert!(
+        grants(&helm).contains_key("cluster"),
+        "cluster-wide by default"
+    );
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn namespaced_values_match_the_namespaced_overlay() {
+    let helm = chart(&["-f", "charts/scg-token-operator/ci/namespaced-values.yaml"]);
+    let overlay = kustomize("overlays/namespaced");
+    assert_same_substance(&helm, &overlay);
+    assert!(of_kind(&helm, "ClusterRole").is_empty());
+    assert!(of_kind(&helm, "ClusterRoleBinding").is_empty());
+    assert_eq!(
+        get(env(container(&helm), "SCG_NAMESPACE").unwrap(), "value"),
+        "default"
+    );
+    // With no namespace given, the release's own is watched, and RBAC follows it.
+    let own = chart(&["--set", "namespaced.enabled=true"]);
+    assert_eq!(
+        get(env(container(&own), "SCG_NAMESPACE").unwrap(), "value"),
+        NAMESPACE
+    );
+    assert_eq!(
+        grants(&own).keys().collect::<Vec<_>>(),
+        [&format!("namespace {NAMESPACE}")]
+    );
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn service_monitor_matches_the_prometheus_overlay() {
+    assert!(
+        of_kind(&chart(&[]), "ServiceMonitor").is_empty(),
+        "off by default"
+    );
+    let helm = chart(&["--set", "metrics.serviceMonitor.enabled=true"]);
+    let overlay = kustomize("overlays/prometheus");
+    let (hm, km) = (
+        one(&helm, "ServiceMonitor"),
+        one(&overlay, "ServiceMonitor"),
+    );
+    assert_eq!(get(hm, "apiVersion"), get(km, "apiVersion"));
+    assert_eq!(get(hm, "spec.endpoints"), get(km, "spec.endpoints"));
+    assert_eq!(
+        get(hm, "spec.namespaceSelector"),
+        get(km, "spec.namespaceSelector")
+    );
+    assert!(labels_match(
+        get(hm, "spec.selector.matchLabels"),
+        get(one(&helm, "Service"), "metadata.labels")
+    ));
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn lease_name_and_port_values_reach_rbac_env_and_service() {
+    let objs = chart(&[
+        "--set",
+        "leaderElection.leaseName=my-lease",
+        "--set",
+        "metrics.port=9090",
+    ]);
+    let c = container(&objs);
+    assert_eq!(get(env(c, "SCG_LEASE_NAME").unwrap(), "value"), "my-lease");
+    let lease_names: BTreeSet<String> = grants(&objs)
+        .values()
+        .flatten()
+        .filter(|(_, r, _, _)| r == "leases")
+        .map(|(_, _, n, _)| n.clone())
+        .collect();
+    assert_eq!(lease_names, BTreeSet::from(["*".into(), "my-lease".into()]));
+    assert_eq!(
+        get(env(c, "SCG_ADMIN_ADDR").unwrap(), "value"),
+        "0.0.0.0:9090"
+    );
+    assert_eq!(get(c, "ports.0.containerPort").as_u64(), Some(9090));
+    assert_eq!(
+        get(one(&objs, "Service"), "spec.ports.0.port").as_u64(),
+        Some(9090)
+    );
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn unsafe_or_misspelled_values_are_refused() {
+    // Two replicas without leader election would revoke each other's tokens.
+    let err = helm_template(&["--set", "leaderElection.enabled=false"]).unwrap_err();
+    assert!(err.contains("needs leaderElection.enabled"), "{err}");
+    let single = chart(&[
+        "--set",
+        "leaderElection.enabled=false",
+        "--set",
+        "replicas=1",
+    ]);
+    assert!(strs(get(container(&single), "args")).contains(&"--leader-elect=false"));
+    assert!(of_kind(&single, "Role").is_empty(), "no Lease, no Role");
+    // One replica with a minAvailable=1 budget could never be drained.
+    assert!(of_kind(&single, "PodDisruptionBudget").is_empty());
+    // values.schema.json: a typo is an error, not a silently ignored value.
+    let err = helm_template(&["--set", "replica=3"]).unwrap_err();
+    assert!(err.contains("replica"), "{err}");
+    let err = helm_template(&["--set", "image.digest=latest"]).unwrap_err();
+    assert!(err.contains("digest"), "{err}");
+    let pinned = chart(&["--set", &format!("image.digest=sha256:{}", "a".repeat(64))]);
+    assert_eq!(
+        s(container(&pinned), "image"),
+        format!(
+            "ghcr.io/scgtoken/scg-token-operator@sha256:{}",
+            "a".repeat(64)
+        )
+    );
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn rendered_args_and_env_are_accepted_by_the_operator() {
+    // The operator is started with the chart's arguments and plain env values, and a
+    // kubeconfig that does not exist: it must get past its flags and stop at the first
+    // thing that needs a cluster. (`--help` would not do: clap reads env values only
+    // after the command line.)
+    let missing = std::env::temp_dir().join(format!("scg-helm-test-{}/none", std::process::id()));
+    for values in [
+        &[][..],
+        &["-f", "charts/scg-token-operator/ci/namespaced-values.yaml"],
+        &["--set", "metrics.port=9090", "--set", "logLevel=debug"],
+        &[
+            "--set",
+            "leaderElection.enabled=false",
+            "--set",
+            "replicas=1",
+        ],
+    ] {
+        let objs = chart(values);
+        let c = container(&objs);
+        let plain_env = seq(get(c, "env"))
+            .iter()
+            .filter_map(|e| Some((s(e, "name"), get(e, "value").as_str()?)));
+        let out = Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+            .args(strs(get(c, "args")))
+            .env_clear()
+            .envs(plain_env)
+            .env("KUBECONFIG", &missing)
+            .output()
+            .expect("run the operator binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && stderr.contains("no Kubernetes configuration"),
+            "{values:?}: the operator rejects the chart's command line or env: {stderr}"
+        );
+    }
+}

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod chain;
 pub mod crd;
+pub mod k8s;
 pub mod leader;
 pub mod policy;
 pub mod reconcile;
@@ -24,7 +25,7 @@ use tracing::info;
 /// Errors of a reconcile pass or of start-up. Messages never carry a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", chain::describe(.0))]
+    #[error("{}", k8s::describe(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Persist(#[from] chain::PersistError),

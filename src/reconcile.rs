@@ -28,6 +28,7 @@ use crate::{
     Error,
     chain::{self, Chain, LoadError, Target},
     crd::{REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenStatus},
+    k8s,
     leader::Leadership,
     policy::{self, Clock, Decision, FailureKind, Inputs, TokenTimes},
     report::{self, Metrics, Reason, RefreshLabels, TokenLabels},
@@ -159,7 +160,7 @@ impl Context {
                 let tokens: Api<ScgToken> = Api::namespaced(self.client.clone(), &key.0);
                 let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
                 let (Ok(Some(obj)), Some(r)) = (
-                    chain::bounded(tokens.get_opt(&key.1)).await,
+                    k8s::bounded(tokens.get_opt(&key.1)).await,
                     self.remembered(&key),
                 ) else {
                     continue;
@@ -270,7 +271,7 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
         return Ok(Action::await_change());
     }
     let api: Api<ScgToken> = Api::namespaced(ctx.client.clone(), &namespace);
-    match chain::bounded(api.get_opt(&name)).await? {
+    match k8s::bounded(api.get_opt(&name)).await? {
         Some(obj) => Pass::new(&obj, ctx, namespace, name).run().await,
         None => {
             ctx.forget(&(namespace.clone(), name.clone()));
@@ -767,7 +768,7 @@ impl<'a> Pass<'a> {
                 "kind": "ScgToken",
                 "status": self.next,
             });
-            let written = chain::bounded(api.patch_status(
+            let written = k8s::bounded(api.patch_status(
                 &self.key.1,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
@@ -776,7 +777,7 @@ impl<'a> Pass<'a> {
             if let Err(e) = written {
                 // The schedule computed here still holds (a back-off is not cut short);
                 // without one, try again soon so the status catches up.
-                warn!(error = %chain::describe(&e), "could not write status");
+                warn!(error = %k8s::describe(&e), "could not write status");
                 wake = wake.or(Some(self.now + SignedDuration::from_secs(5)));
             }
         }

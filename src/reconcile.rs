@@ -681,21 +681,7 @@ impl<'a> Pass<'a> {
 
     fn prev_ready(&self) -> Option<(Reason, String)> {
         let c = self.obj.ready_condition()?;
-        let reason = [
-            Reason::Refreshed,
-            Reason::Pending,
-            Reason::CredentialsNotFound,
-            Reason::InvalidSpec,
-            Reason::Rejected,
-            Reason::Unavailable,
-            Reason::InvalidResponse,
-            Reason::Expired,
-            Reason::Suspended,
-            Reason::TargetConflict,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == c.reason)?;
-        Some((reason, c.message.clone()))
+        Some((c.reason.parse().ok()?, c.message.clone()))
     }
 
     fn count_refresh(&self, result: &'static str) {
@@ -764,8 +750,8 @@ impl<'a> Pass<'a> {
         if serde_json::to_value(&self.next).ok() != serde_json::to_value(&self.prev).ok() {
             let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.0);
             let patch = serde_json::json!({
-                "apiVersion": "scgtoken.io/v1alpha1",
-                "kind": "ScgToken",
+                "apiVersion": ScgToken::api_version(&()),
+                "kind": ScgToken::kind(&()),
                 "status": self.next,
             });
             let written = k8s::bounded(api.patch_status(

@@ -61,6 +61,16 @@ pub enum Target {
     Owned(Box<Secret>),
 }
 
+impl Target {
+    /// The Secret, when it is this ScgToken's.
+    pub fn owned(&self) -> Option<&Secret> {
+        match self {
+            Target::Owned(s) => Some(s),
+            Target::Absent | Target::Foreign => None,
+        }
+    }
+}
+
 /// Why the inputs of a chain cannot be read. Messages name Secrets and keys, never values.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -2,8 +2,7 @@
 //! stores the token, reports. It orchestrates; every rule lives in the modules it calls.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -23,6 +22,11 @@ use kube::{
     },
 };
 use tracing::{Instrument, info, info_span, warn};
+
+mod act;
+mod memory;
+
+use memory::{Key, Memory};
 
 use crate::{
     Error,
@@ -51,23 +55,9 @@ pub struct Context {
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
-    chains: Mutex<HashMap<Key, Remembered>>,
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
     tokens: OnceLock<Store<ScgToken>>,
-    refreshed_events: Mutex<HashMap<Key, Timestamp>>,
-    /// The last refresh-request annotation value acted on, in case its status write
-    /// did not land: a request is honoured once.
-    handled_requests: Mutex<HashMap<Key, Option<String>>>,
-}
-
-type Key = (String, String);
-
-/// The newest token of a chain, kept in memory. `persisted == false` means it was
-/// received but not yet stored: no refresh call happens until it is.
-#[derive(Clone)]
-struct Remembered {
-    chain: Chain,
-    persisted: bool,
+    memory: Memory,
 }
 
 impl Context {
@@ -88,10 +78,8 @@ impl Context {
             metrics,
             leadership,
             allow_insecure,
-            chains: Mutex::default(),
-            refreshed_events: Mutex::default(),
-            handled_requests: Mutex::default(),
             tokens: OnceLock::new(),
+            memory: Memory::default(),
         }
     }
 
@@ -124,65 +112,18 @@ impl Context {
             .map(|t| t.name_any())
     }
 
-    fn handled_request(&self, key: &Key) -> Option<String> {
-        self.handled_requests
-            .lock()
-            .ok()?
-            .get(key)
-            .cloned()
-            .flatten()
-    }
-
-    fn set_handled_request(&self, key: &Key, value: Option<String>) {
-        if let Ok(mut m) = self.handled_requests.lock() {
-            m.insert(key.clone(), value);
-        }
-    }
-
     /// Writes every token still held in memory, retrying each second until `within`
     /// has passed. Called on shutdown after the last pass, before the Lease is released.
     pub async fn flush_pending(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let pending: Vec<Key> = match self.chains.lock() {
-                Ok(m) => m
-                    .iter()
-                    .filter(|(_, r)| !r.persisted)
-                    .map(|(k, _)| k.clone())
-                    .collect(),
-                Err(_) => return,
-            };
+            let pending = self.memory.all_pending();
             if pending.is_empty() {
                 return;
             }
-            for key in pending {
-                // Only the write: no refresh call may start during shutdown.
-                let tokens: Api<ScgToken> = Api::namespaced(self.client.clone(), &key.0);
-                let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.0);
-                let (Ok(Some(obj)), Some(r)) = (
-                    k8s::bounded(tokens.get_opt(&key.1)).await,
-                    self.remembered(&key),
-                ) else {
-                    continue;
-                };
-                let base = match chain::load_target(&secrets, &obj).await {
-                    Ok(Target::Owned(s)) => Some(*s),
-                    Ok(_) => None,
-                    Err(_) => continue,
-                };
-                match chain::persist(&secrets, &obj, base.as_ref(), &r.chain).await {
-                    Ok(_) | Err(chain::PersistError::Superseded(_)) => {
-                        info!(
-                            namespace = key.0,
-                            scgtoken = key.1,
-                            "stored the token held in memory"
-                        );
-                        self.remember(&key, r.chain, true);
-                    }
-                    Err(e) => {
-                        warn!(namespace = key.0, scgtoken = key.1, error = %e, "could not store the token held in memory")
-                    }
-                }
+            for (key, held) in pending {
+                let span = info_span!("flush", namespace = %key.namespace, scgtoken = %key.name);
+                self.flush_one(&key, &held).instrument(span).await;
             }
             if Instant::now() >= deadline {
                 warn!("shutting down with a token still held in memory");
@@ -192,47 +133,34 @@ impl Context {
         }
     }
 
-    fn remembered(&self, key: &Key) -> Option<Remembered> {
-        self.chains.lock().ok()?.get(key).cloned()
-    }
-
-    fn remember(&self, key: &Key, chain: Chain, persisted: bool) {
-        if let Ok(mut m) = self.chains.lock() {
-            m.insert(key.clone(), Remembered { chain, persisted });
+    async fn flush_one(&self, key: &Key, held: &Chain) {
+        // Only the write: no refresh call may start during shutdown.
+        let tokens: Api<ScgToken> = Api::namespaced(self.client.clone(), &key.namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
+        let Ok(Some(obj)) = k8s::bounded(tokens.get_opt(&key.name)).await else {
+            return;
+        };
+        let Ok(target) = chain::load_target(&secrets, &obj).await else {
+            return;
+        };
+        match act::store_held(self, &obj, target.owned(), held).await {
+            Ok(_) | Err(chain::PersistError::Superseded(_)) => {}
+            Err(e) => warn!(error = %e, "could not store the token held in memory"),
         }
     }
 
     /// Whether a token received but not yet stored is held for this chain.
     pub fn has_pending(&self, namespace: &str, name: &str) -> bool {
-        self.remembered(&(namespace.into(), name.into()))
-            .is_some_and(|r| !r.persisted)
-    }
-
-    fn forget(&self, key: &Key) {
-        if let Ok(mut m) = self.chains.lock() {
-            // A token still unpersisted is never dropped.
-            if m.get(key).is_some_and(|r| r.persisted) {
-                m.remove(key);
-            }
-        }
-        if let Ok(mut m) = self.refreshed_events.lock() {
-            m.remove(key);
-        }
-        if let Ok(mut m) = self.handled_requests.lock() {
-            m.remove(key);
-        }
+        self.memory.pending(&Key::new(namespace, name)).is_some()
     }
 
     /// Whether a `Refreshed` Event may be published now (and records that it was).
     fn refreshed_event_due(&self, key: &Key, now: Timestamp) -> bool {
-        let Ok(mut m) = self.refreshed_events.lock() else {
-            return false;
-        };
         let interval = SignedDuration::try_from(REFRESHED_EVENT_INTERVAL).unwrap_or_default();
-        match m.get(key) {
-            Some(last) if *last + interval > now => false,
+        match self.memory.refreshed_event_at(key) {
+            Some(last) if last + interval > now => false,
             _ => {
-                m.insert(key.clone(), now);
+                self.memory.set_refreshed_event_at(key, now);
                 true
             }
         }
@@ -274,7 +202,8 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
     match k8s::bounded(api.get_opt(&name)).await? {
         Some(obj) => Pass::new(&obj, ctx, namespace, name).run().await,
         None => {
-            ctx.forget(&(namespace.clone(), name.clone()));
+            ctx.memory
+                .forget(&Key::new(namespace.clone(), name.clone()));
             ctx.metrics.forget(&TokenLabels { namespace, name });
             Ok(Action::await_change())
         }
@@ -319,7 +248,7 @@ impl<'a> Pass<'a> {
             obj,
             ctx,
             secrets: Api::namespaced(ctx.client.clone(), &namespace),
-            key: (namespace, name),
+            key: Key::new(namespace, name),
             now: ctx.clock.now(),
             prev,
             next,
@@ -331,27 +260,17 @@ impl<'a> Pass<'a> {
         let mut target = chain::load_target(&self.secrets, self.obj).await?;
         // A token received earlier and not yet stored goes first, whatever else has
         // changed (spec, suspension, credentials): nothing happens until it is safe.
-        if let Some(pending) = self.ctx.remembered(&self.key).filter(|r| !r.persisted) {
-            let base = match &target {
-                Target::Owned(s) => Some(s.as_ref()),
-                _ => None,
-            };
-            match chain::persist(&self.secrets, self.obj, base, &pending.chain).await {
-                Ok(written) => {
-                    info!("stored the token held in memory");
-                    self.ctx.remember(&self.key, pending.chain, true);
-                    target = Target::Owned(Box::new(written));
-                }
+        if let Some(pending) = self.ctx.memory.pending(&self.key) {
+            match act::store_held(self.ctx, self.obj, target.owned(), &pending).await {
+                Ok(written) => target = Target::Owned(Box::new(written)),
                 Err(chain::PersistError::Superseded(_)) => {
-                    warn!("a newer token than the one held in memory is already stored");
-                    self.ctx.remember(&self.key, pending.chain, true);
                     target = chain::load_target(&self.secrets, self.obj).await?;
                 }
                 Err(e) => return self.pending(e).await,
             }
         }
         if self.obj.metadata.deletion_timestamp.is_some() || !self.ctx.leadership.is_leader() {
-            self.ctx.forget(&self.key);
+            self.ctx.memory.forget(&self.key);
             return Ok(Action::await_change());
         }
         let spec = &self.obj.spec;
@@ -428,19 +347,20 @@ impl<'a> Pass<'a> {
             }
             None => match self
                 .ctx
-                .remembered(&self.key)
-                .filter(|r| r.chain.seed_fingerprint == seed_fingerprint)
+                .memory
+                .chain(&self.key)
+                .filter(|c| c.seed_fingerprint == seed_fingerprint)
             {
-                Some(r) => {
+                Some(remembered) => {
                     info!(
                         secret = self.obj.target_name(),
                         "restoring the target Secret from memory"
                     );
-                    match chain::persist(&self.secrets, self.obj, base.as_ref(), &r.chain).await {
+                    match act::store_held(self.ctx, self.obj, base.as_ref(), &remembered).await {
                         Ok(written) => base = Some(written),
                         Err(e) => return self.pending(e).await,
                     }
-                    r.chain
+                    remembered
                 }
                 None => {
                     rotated = base
@@ -464,7 +384,7 @@ impl<'a> Pass<'a> {
             .cloned();
         let requested = request.is_some()
             && request != self.prev.last_refresh_request
-            && request != self.ctx.handled_request(&self.key);
+            && request != self.ctx.memory.handled_request(&self.key);
         let inputs_changed = self.obj.metadata.generation != self.prev.observed_generation
             || self.prev.credentials_fingerprint.as_ref() != Some(&attempt_fingerprint);
         let jitter_key = policy::jitter_key(&self.obj.uid().unwrap_or_default());
@@ -491,7 +411,9 @@ impl<'a> Pass<'a> {
         }
         if requested {
             info!("refresh requested by annotation");
-            self.ctx.set_handled_request(&self.key, request.clone());
+            self.ctx
+                .memory
+                .set_handled_request(&self.key, request.clone());
             self.next.last_refresh_request = request;
         }
         // The token's life starts no later than the request leaves: an expiry computed
@@ -545,9 +467,9 @@ impl<'a> Pass<'a> {
             seed_fingerprint,
         };
         // From here on the old token may be dead: the new one is the chain.
-        self.ctx.remember(&self.key, new.clone(), false);
+        self.ctx.memory.hold(&self.key, new.clone());
         match chain::persist(&self.secrets, self.obj, base.as_ref(), &new).await {
-            Ok(_) => self.ctx.remember(&self.key, new.clone(), true),
+            Ok(_) => self.ctx.memory.stored(&self.key, new.clone()),
             Err(e) => {
                 self.show_chain(&new);
                 return self.pending(e).await;
@@ -689,8 +611,8 @@ impl<'a> Pass<'a> {
             .metrics
             .refreshes
             .get_or_create(&RefreshLabels {
-                namespace: self.key.0.clone(),
-                name: self.key.1.clone(),
+                namespace: self.key.namespace.clone(),
+                name: self.key.name.clone(),
                 result,
             })
             .inc();
@@ -735,8 +657,8 @@ impl<'a> Pass<'a> {
             self.now,
         )];
         let labels = TokenLabels {
-            namespace: self.key.0.clone(),
-            name: self.key.1.clone(),
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
         };
         self.ctx.metrics.set_token(
             &labels,
@@ -748,14 +670,14 @@ impl<'a> Pass<'a> {
         // Compare as serialized: Kubernetes times have whole-second precision, so an
         // instant computed to the millisecond equals its stored form only this way.
         if serde_json::to_value(&self.next).ok() != serde_json::to_value(&self.prev).ok() {
-            let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.0);
+            let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
             let patch = serde_json::json!({
                 "apiVersion": ScgToken::api_version(&()),
                 "kind": ScgToken::kind(&()),
                 "status": self.next,
             });
             let written = k8s::bounded(api.patch_status(
-                &self.key.1,
+                &self.key.name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
             ))

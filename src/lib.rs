@@ -17,7 +17,10 @@ pub mod scg;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{
+    events::{Recorder, Reporter},
+    reflector,
+};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::info;
@@ -95,41 +98,31 @@ pub async fn run(
     // The Lease is released only after the controller has finished its last refresh,
     // so a standby cannot start refreshing while this replica still is.
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let (leadership, election) = match config.election {
-        Some(election) => {
-            let m = metrics.clone();
-            let released = async move {
-                let _ = release_rx.await;
-            };
-            let (l, task) = leader::elect(client.clone(), election, released, move |leading| {
-                m.leader.set(i64::from(leading));
-            })
-            .await?;
-            (l, Some(task))
-        }
-        None => {
-            metrics.leader.set(1);
-            (leader::Leadership::always(), None)
-        }
+    let released = async move {
+        let _ = release_rx.await;
     };
+    let (leadership, election) = lead(&client, config.election, &metrics, released).await?;
 
     let reporter = Reporter {
         controller: "scg-token-operator".into(),
         instance: Some(config.identity.clone()),
     };
-    let ctx = Arc::new(reconcile::Context::new(
-        client.clone(),
-        config.token_api,
-        config.clock,
-        Recorder::new(client, reporter),
+    let (tokens, tokens_writer) = reflector::store();
+    let ctx = Arc::new(reconcile::Context::new(reconcile::Deps {
+        client: client.clone(),
+        token_api: config.token_api,
+        clock: config.clock,
+        recorder: Recorder::new(client, reporter),
         metrics,
         leadership,
-        config.allow_insecure,
-    ));
+        allow_insecure: config.allow_insecure,
+        tokens,
+    }));
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(
         ctx.clone(),
+        tokens_writer,
         config.namespace.as_deref(),
         stopped(),
         move || {
@@ -147,4 +140,24 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Joins the leader election, if there is one; `released` ends the election task's hold
+/// on the Lease. Keeps the `leader` metric current.
+async fn lead(
+    client: &kube::Client,
+    election: Option<leader::ElectionConfig>,
+    metrics: &Arc<report::Metrics>,
+    released: impl Future<Output = ()> + Send + 'static,
+) -> Result<(leader::Leadership, Option<tokio::task::JoinHandle<()>>), Error> {
+    let Some(election) = election else {
+        metrics.leader.set(1);
+        return Ok((leader::Leadership::always(), None));
+    };
+    let m = metrics.clone();
+    let (leadership, task) = leader::elect(client.clone(), election, released, move |leading| {
+        m.leader.set(i64::from(leading));
+    })
+    .await?;
+    Ok((leadership, Some(task)))
 }

@@ -2,7 +2,7 @@
 //! stores the token, reports. It orchestrates; every rule lives in the modules it calls.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -17,7 +17,7 @@ use kube::{
         Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder},
-        reflector::{self, ObjectRef, Store},
+        reflector::{ObjectRef, Store, store::Writer},
         watcher,
     },
 };
@@ -56,20 +56,39 @@ pub struct Context {
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
-    tokens: OnceLock<Store<ScgToken>>,
+    tokens: Store<ScgToken>,
     memory: Memory,
 }
 
+/// What a [`Context`] is built from.
+pub struct Deps {
+    pub client: kube::Client,
+    /// The SCG refresh API.
+    pub token_api: Arc<dyn TokenApi>,
+    pub clock: Arc<dyn Clock>,
+    /// Publishes the Events.
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub leadership: Leadership,
+    /// Accept `http://` endpoints (tests and local trials only).
+    pub allow_insecure: bool,
+    /// The ScgToken cache; its writer goes to [`controller`], which fills it.
+    pub tokens: Store<ScgToken>,
+}
+
 impl Context {
-    pub fn new(
-        client: kube::Client,
-        token_api: Arc<dyn TokenApi>,
-        clock: Arc<dyn Clock>,
-        recorder: Recorder,
-        metrics: Arc<Metrics>,
-        leadership: Leadership,
-        allow_insecure: bool,
-    ) -> Self {
+    /// A context with nothing in memory, as a newly started process has.
+    pub fn new(deps: Deps) -> Self {
+        let Deps {
+            client,
+            token_api,
+            clock,
+            recorder,
+            metrics,
+            leadership,
+            allow_insecure,
+            tokens,
+        } = deps;
         Context {
             client,
             token_api,
@@ -78,28 +97,22 @@ impl Context {
             metrics,
             leadership,
             allow_insecure,
-            tokens: OnceLock::new(),
+            tokens,
             memory: Memory::default(),
         }
-    }
-
-    /// Gives the context the controller's ScgToken cache.
-    pub fn set_token_store(&self, store: Store<ScgToken>) {
-        let _ = self.tokens.set(store);
     }
 
     /// The oldest other ScgToken in the same namespace that uses the same credentials
     /// Secret: two refreshers of one chain would revoke each other's tokens, so only the
     /// oldest may run.
     fn chain_owner_other_than(&self, obj: &ScgToken) -> Option<String> {
-        let store = self.tokens.get()?;
         let age = |t: &ScgToken| {
             (
                 t.metadata.creation_timestamp.clone().map(|c| c.0),
                 t.name_any(),
             )
         };
-        store
+        self.tokens
             .state()
             .iter()
             .filter(|t| {
@@ -746,16 +759,18 @@ fn referencing(
 }
 
 /// The controller: ScgTokens, plus a metadata-only watch of Secrets (never their data)
-/// mapped to the ScgTokens that reference them. Runs until `shutdown` resolves, letting
-/// in-flight reconciles (and so any refresh and its Secret write) finish.
+/// mapped to the ScgTokens that reference them. `tokens` fills the context's ScgToken
+/// cache. Runs until `shutdown` resolves, letting in-flight reconciles (and so any
+/// refresh and its Secret write) finish.
 pub fn controller(
     ctx: Arc<Context>,
+    tokens: Writer<ScgToken>,
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce() + Send + 'static,
 ) -> impl Stream<Item = ()> {
     let client = ctx.client.clone();
-    let (tokens, secrets): (Api<ScgToken>, Api<PartialObjectMeta<Secret>>) = match namespace {
+    let (token_api, secrets): (Api<ScgToken>, Api<PartialObjectMeta<Secret>>) = match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client, ns),
@@ -764,11 +779,11 @@ pub fn controller(
     };
     // The ScgToken reflector is built here rather than by the Controller so that its
     // first complete list (InitDone) can mark the operator ready.
-    let (store, writer) = reflector::store();
+    let store = ctx.tokens.clone();
     let mut ready = Some(ready);
-    let token_events = watcher(tokens, watcher::Config::default())
+    let token_events = watcher(token_api, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
+        .reflect(tokens)
         .inspect(move |event| {
             if let Ok(watcher::Event::InitDone) = event
                 && let Some(ready) = ready.take()
@@ -778,7 +793,6 @@ pub fn controller(
         })
         .applied_objects();
     let ctrl = Controller::for_stream(token_events, store.clone());
-    ctx.set_token_store(store.clone());
     let secret_events = watcher(secrets, watcher::Config::default())
         .default_backoff()
         .touched_objects();

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::{
     crd::{DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken},
     k8s::{bounded, describe},
-    policy::TokenTimes,
+    policy::{Descends, TokenTimes},
     scg::SecretString,
 };
 
@@ -50,6 +50,12 @@ pub struct Chain {
     pub times: TokenTimes,
     /// Fingerprint of the seed the chain descends from.
     pub seed_fingerprint: String,
+}
+
+impl Descends for Chain {
+    fn seed_fingerprint(&self) -> &str {
+        &self.seed_fingerprint
+    }
 }
 
 /// What stands at the target Secret's name. Not `Debug`: it holds a Secret's data.

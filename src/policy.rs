@@ -1,5 +1,10 @@
-//! Every time decision, as pure functions of data and an instant: is a refresh due, when
-//! is the next one, how long to back off. No I/O; the clock is injected.
+//! Every decision of a pass, as pure functions of data and an instant: may the pass go
+//! on at all ([`gates`]), which token the chain stands on ([`footing`]), is a refresh
+//! due, when is the next one, how long to back off. No I/O; the clock is injected.
+
+mod gates;
+
+pub use gates::{Blocked, CHAIN_OWNER_RECHECK, Cleared, Facts, Stop, Unloaded, gates};
 
 use std::time::Duration;
 
@@ -142,6 +147,46 @@ pub struct TokenTimes {
     pub issued_at: Option<Timestamp>,
     /// When the token expires; unknown for a seed.
     pub expires_at: Option<Timestamp>,
+}
+
+/// A chain of tokens as far as [`footing`] is concerned.
+pub trait Descends {
+    /// Fingerprint of the seed the chain descends from.
+    fn seed_fingerprint(&self) -> &str;
+}
+
+/// Which token a chain stands on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Footing<C> {
+    /// The target Secret's: it descends from the current seed.
+    Stored(C),
+    /// The one in memory: the target Secret lost it (deleted, or overwritten by hand),
+    /// so it is written back.
+    Restore(C),
+    /// The seed itself: a new chain. `rotated` when the target Secret held a chain from
+    /// another seed (a human put a new seed in place).
+    Seed { rotated: bool },
+}
+
+/// Chooses the token a chain stands on: the target Secret's if it descends from the
+/// current seed (`seed`, a fingerprint); else the one in memory if it does; else the
+/// seed itself.
+pub fn footing<C: Descends>(seed: &str, stored: Option<C>, remembered: Option<C>) -> Footing<C> {
+    let rotated = stored.is_some();
+    if let Some(c) = stored.filter(|c| c.seed_fingerprint() == seed) {
+        return Footing::Stored(c);
+    }
+    if let Some(c) = remembered.filter(|c| c.seed_fingerprint() == seed) {
+        return Footing::Restore(c);
+    }
+    Footing::Seed { rotated }
+}
+
+/// Whether the refresh-request annotation asks for a refresh: it has a value that is
+/// neither the one recorded in status nor, in case that status write failed, the one
+/// remembered as handled.
+pub fn requested(annotation: Option<&str>, in_status: Option<&str>, handled: Option<&str>) -> bool {
+    annotation.is_some() && annotation != in_status && annotation != handled
 }
 
 /// Everything `decide` needs, gathered by the reconciler.
@@ -513,6 +558,58 @@ mod tests {
         ];
         for (name, inputs, want) in table {
             assert_eq!(decide(&inputs), want, "{name}");
+        }
+    }
+
+    impl Descends for &str {
+        fn seed_fingerprint(&self) -> &str {
+            self
+        }
+    }
+
+    #[test]
+    fn chooses_the_footing() {
+        // (stored chain's seed, remembered chain's seed, footing)
+        let table = [
+            (Some("s1"), None, Footing::Stored("s1")),
+            (Some("s1"), Some("s1"), Footing::Stored("s1")),
+            // The Secret was deleted: memory restores it.
+            (None, Some("s1"), Footing::Restore("s1")),
+            // The Secret was overwritten with something from another seed.
+            (Some("s0"), Some("s1"), Footing::Restore("s1")),
+            (None, None, Footing::Seed { rotated: false }),
+            // A new seed: whatever is stored or remembered descends from the old one.
+            (Some("s0"), None, Footing::Seed { rotated: true }),
+            (None, Some("s0"), Footing::Seed { rotated: false }),
+            (Some("s0"), Some("s0"), Footing::Seed { rotated: true }),
+        ];
+        for (stored, remembered, want) in table {
+            assert_eq!(
+                footing("s1", stored, remembered),
+                want,
+                "{stored:?} {remembered:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refresh_request_is_honoured_once() {
+        // (annotation, recorded in status, remembered as handled, requested)
+        let table = [
+            (None, None, None, false),
+            (Some("a"), None, None, true),
+            (Some("b"), Some("a"), Some("a"), true),
+            (Some("a"), Some("a"), None, false),
+            // The status write of the pass that honoured it failed.
+            (Some("a"), None, Some("a"), false),
+            (None, Some("a"), Some("a"), false),
+        ];
+        for (annotation, in_status, handled, want) in table {
+            assert_eq!(
+                requested(annotation, in_status, handled),
+                want,
+                "{annotation:?} {in_status:?} {handled:?}"
+            );
         }
     }
 

@@ -34,7 +34,10 @@ use crate::{
     crd::{REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenStatus},
     k8s,
     leader::Leadership,
-    policy::{self, Clock, Decision, FailureKind, Inputs, TokenTimes},
+    policy::{
+        self, Cleared, Clock, Decision, Facts, FailureKind, Footing, Inputs, Stop, TokenTimes,
+        Unloaded,
+    },
     report::{self, Metrics, Reason, RefreshLabels, TokenLabels},
     scg::{Endpoint, RefreshError, RefreshRequest, TokenApi},
 };
@@ -282,74 +285,49 @@ impl<'a> Pass<'a> {
                 Err(e) => return self.pending(e).await,
             }
         }
-        if self.obj.metadata.deletion_timestamp.is_some() || !self.ctx.leadership.is_leader() {
-            self.ctx.memory.forget(&self.key);
-            return Ok(Action::await_change());
-        }
-        let spec = &self.obj.spec;
-        let checked = policy::validate(spec).and_then(|s| {
-            Endpoint::parse(&spec.endpoint, self.ctx.allow_insecure)
-                .map(|e| (s, e))
-                .map_err(policy::InvalidSpec)
-        });
-        let (settings, endpoint) = match checked {
-            Ok(ok) => ok,
-            Err(e) => {
-                self.next.next_refresh_at = None;
-                return self.finish(Reason::InvalidSpec, e.0, None).await;
-            }
+        let chain_owner = self.ctx.chain_owner_other_than(self.obj);
+        let target_name = self.obj.target_name();
+        let credentials = chain::load_credentials(&self.secrets, self.obj)
+            .await
+            .map_err(|e| match e {
+                LoadError::Missing(message) => Unloaded::Missing(message),
+                LoadError::Kube(e) => Unloaded::Unreadable(e),
+            });
+        let facts = Facts {
+            now: self.now,
+            deleting: self.obj.metadata.deletion_timestamp.is_some(),
+            leader: self.ctx.leadership.is_leader(),
+            spec: &self.obj.spec,
+            endpoint: Endpoint::parse(&self.obj.spec.endpoint, self.ctx.allow_insecure),
+            chain_owner: chain_owner.as_deref(),
+            target_name: &target_name,
+            target_foreign: matches!(target, Target::Foreign),
+            credentials,
         };
-        if let Some(other) = self.ctx.chain_owner_other_than(self.obj) {
-            self.next.next_refresh_at = None;
-            let msg = format!(
-                "ScgToken {other:?} already refreshes the token of credentials Secret {:?}; \
-                 two refreshers of one token would revoke each other's tokens",
-                spec.credentials_secret_ref.name
-            );
-            // Look again now and then: the other one may be deleted.
-            let later = self.now + SignedDuration::from_secs(60);
-            return self.finish(Reason::InvalidSpec, msg, Some(later)).await;
-        }
-        if spec.suspend {
-            self.next.next_refresh_at = None;
-            let msg = "refreshing is suspended; the target Secret keeps its last token".into();
-            return self.finish(Reason::Suspended, msg, None).await;
-        }
-
-        let mut base = match target {
-            Target::Foreign => {
-                self.next.next_refresh_at = None;
-                let msg = format!(
-                    "Secret {:?} exists and was not created for this ScgToken; delete it or \
-                     set spec.target.name to another name",
-                    self.obj.target_name()
-                );
-                return self.finish(Reason::TargetConflict, msg, None).await;
+        let Cleared {
+            settings,
+            endpoint,
+            credentials,
+        } = match policy::gates(facts) {
+            Ok(cleared) => cleared,
+            Err(Stop::Idle) => {
+                self.ctx.memory.forget(&self.key);
+                return Ok(Action::await_change());
             }
-            Target::Absent => None,
-            Target::Owned(s) => Some(*s),
-        };
-
-        let credentials = match chain::load_credentials(&self.secrets, self.obj).await {
-            Ok(c) => c,
-            Err(LoadError::Missing(msg)) => {
+            Err(Stop::Blocked(b)) => {
                 self.next.next_refresh_at = None;
-                return self.finish(Reason::CredentialsNotFound, msg, None).await;
+                return self.finish(b.reason, b.message, b.recheck).await;
             }
-            Err(LoadError::Kube(e)) => return Err(Error::Kube(e)),
+            Err(Stop::Unreadable(e)) => return Err(Error::Kube(e)),
         };
+        let mut base = target.owned().cloned();
         let seed_fingerprint = chain::fingerprint(self.obj, credentials.seed.expose());
 
-        // Which token does the chain stand on? The target Secret's, if it descends from
-        // the current seed; else the one in memory (the Secret was deleted); else the
-        // seed itself: a new chain.
-        let stored = base
-            .as_ref()
-            .and_then(|s| chain::stored_chain(s, self.obj))
-            .filter(|c| c.seed_fingerprint == seed_fingerprint);
+        let stored = base.as_ref().and_then(|s| chain::stored_chain(s, self.obj));
+        let remembered = self.ctx.memory.chain(&self.key);
         let mut rotated = false;
-        let current = match stored {
-            Some(c) => {
+        let current = match policy::footing(&seed_fingerprint, stored, remembered) {
+            Footing::Stored(c) => {
                 if let Some(s) = &base
                     && let Some(written) =
                         chain::sync_metadata(&self.secrets, self.obj, s, &c).await?
@@ -358,35 +336,25 @@ impl<'a> Pass<'a> {
                 }
                 c
             }
-            None => match self
-                .ctx
-                .memory
-                .chain(&self.key)
-                .filter(|c| c.seed_fingerprint == seed_fingerprint)
-            {
-                Some(remembered) => {
-                    info!(
-                        secret = self.obj.target_name(),
-                        "restoring the target Secret from memory"
-                    );
-                    match act::store_held(self.ctx, self.obj, base.as_ref(), &remembered).await {
-                        Ok(written) => base = Some(written),
-                        Err(e) => return self.pending(e).await,
-                    }
-                    remembered
+            Footing::Restore(remembered) => {
+                info!(
+                    secret = self.obj.target_name(),
+                    "restoring the target Secret from memory"
+                );
+                match act::store_held(self.ctx, self.obj, base.as_ref(), &remembered).await {
+                    Ok(written) => base = Some(written),
+                    Err(e) => return self.pending(e).await,
                 }
-                None => {
-                    rotated = base
-                        .as_ref()
-                        .and_then(|s| chain::stored_chain(s, self.obj))
-                        .is_some();
-                    Chain {
-                        token: credentials.seed.clone(),
-                        times: TokenTimes::default(),
-                        seed_fingerprint: seed_fingerprint.clone(),
-                    }
+                remembered
+            }
+            Footing::Seed { rotated: r } => {
+                rotated = r;
+                Chain {
+                    token: credentials.seed.clone(),
+                    times: TokenTimes::default(),
+                    seed_fingerprint: seed_fingerprint.clone(),
                 }
-            },
+            }
         };
 
         let attempt_fingerprint = inputs_fingerprint(self.obj, &credentials, &current);
@@ -395,9 +363,11 @@ impl<'a> Pass<'a> {
             .annotations()
             .get(REFRESH_REQUEST_ANNOTATION)
             .cloned();
-        let requested = request.is_some()
-            && request != self.prev.last_refresh_request
-            && request != self.ctx.memory.handled_request(&self.key);
+        let requested = policy::requested(
+            request.as_deref(),
+            self.prev.last_refresh_request.as_deref(),
+            self.ctx.memory.handled_request(&self.key).as_deref(),
+        );
         let inputs_changed = self.obj.metadata.generation != self.prev.observed_generation
             || self.prev.credentials_fingerprint.as_ref() != Some(&attempt_fingerprint);
         let jitter_key = policy::jitter_key(&self.obj.uid().unwrap_or_default());

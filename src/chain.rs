@@ -75,6 +75,14 @@ impl Target {
             Target::Absent | Target::Foreign => None,
         }
     }
+
+    /// The Secret, when it is this ScgToken's.
+    pub fn into_owned(self) -> Option<Secret> {
+        match self {
+            Target::Owned(s) => Some(*s),
+            Target::Absent | Target::Foreign => None,
+        }
+    }
 }
 
 /// Why the inputs of a chain cannot be read. Messages name Secrets and keys, never values.

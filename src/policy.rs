@@ -235,6 +235,32 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 }
 
+/// The times of a token issued by a request sent at `sent_at` with the lifetime the API
+/// returned, and the lifetime it is scheduled by. Its life starts no later than the
+/// request left: counting from the answer's arrival would be late by the call's
+/// duration. A lifetime of zero means a token that does not expire: it is scheduled by
+/// the requested `validity` anyway, so it keeps being rotated.
+pub fn issued(
+    sent_at: Timestamp,
+    lifetime: Duration,
+    validity: Duration,
+) -> (TokenTimes, Duration) {
+    let lifetime = if lifetime.is_zero() {
+        validity
+    } else {
+        lifetime
+    };
+    let expires_at = SignedDuration::try_from(lifetime)
+        .ok()
+        .and_then(|d| sent_at.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX);
+    let times = TokenTimes {
+        issued_at: Some(sent_at),
+        expires_at: Some(expires_at),
+    };
+    (times, lifetime)
+}
+
 /// When a token with these times is due for refresh, or `None` when its expiry is unknown.
 ///
 /// `expiresAt - margin - jitter`, where the margin is clamped so that at least a tenth
@@ -565,6 +591,17 @@ mod tests {
         fn seed_fingerprint(&self) -> &str {
             self
         }
+    }
+
+    #[test]
+    fn dates_a_new_token_from_the_request() {
+        let hour = Duration::from_secs(3600);
+        let minute = Duration::from_secs(60);
+        assert_eq!(issued(t(0), minute, hour), (times(0, 60), minute));
+        // No expiry from the API: rotated by the requested validity.
+        assert_eq!(issued(t(0), Duration::ZERO, hour), (times(0, 3600), hour));
+        let (far, _) = issued(t(0), Duration::MAX, hour);
+        assert_eq!(far.expires_at, Some(Timestamp::MAX));
     }
 
     #[test]

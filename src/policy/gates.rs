@@ -27,8 +27,8 @@ pub struct Facts<'a, E, C, K> {
     /// `spec.endpoint` parsed, or why it cannot be used.
     pub endpoint: Result<E, String>,
     /// The oldest other ScgToken in the namespace that uses the same credentials Secret.
-    pub chain_owner: Option<&'a str>,
-    pub target_name: &'a str,
+    pub chain_owner: Option<String>,
+    pub target_name: String,
     /// A Secret stands at the target's name and was not created for this ScgToken.
     pub target_foreign: bool,
     pub credentials: Result<C, Unloaded<K>>,
@@ -75,9 +75,9 @@ pub enum Stop<K> {
 pub fn gates<E, C, K>(f: Facts<'_, E, C, K>) -> Result<Cleared<E, C>, Stop<K>> {
     active(f.deleting, f.leader)?;
     let (settings, endpoint) = valid_spec(f.spec, f.endpoint)?;
-    sole_refresher(f.chain_owner, f.spec, f.now)?;
+    sole_refresher(f.chain_owner.as_deref(), f.spec, f.now)?;
     not_suspended(f.spec)?;
-    own_target(f.target_foreign, f.target_name)?;
+    own_target(f.target_foreign, &f.target_name)?;
     let credentials = credentials_found(f.credentials)?;
     Ok(Cleared {
         settings,
@@ -180,7 +180,7 @@ mod tests {
             spec,
             endpoint: Ok("endpoint"),
             chain_owner: None,
-            target_name: "messaging-token",
+            target_name: "messaging-token".into(),
             target_foreign: false,
             credentials: Ok("credentials"),
         }
@@ -222,7 +222,7 @@ mod tests {
             (
                 "another owner",
                 &suspended,
-                |f| f.chain_owner = Some("a"),
+                |f| f.chain_owner = Some("a".into()),
                 "InvalidSpec",
             ),
             (
@@ -282,7 +282,7 @@ mod tests {
         );
 
         let mut f = passing(&spec);
-        f.chain_owner = Some("first");
+        f.chain_owner = Some("first".into());
         let Err(Stop::Blocked(b)) = gates(f) else {
             panic!("another owner must block");
         };

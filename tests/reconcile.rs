@@ -311,7 +311,12 @@ async fn first_refresh_replaces_the_seed_and_creates_the_target() {
     assert_eq!(status.consecutive_failures, 0);
     let fp = status.token_fingerprint.unwrap();
     assert_eq!(fp.len(), 16);
-    assert_ne!(fp, "token-1");
+    // Status names the stored token by its salted fingerprint, the one on the Secret.
+    assert_eq!(fp, chain::fingerprint(&t, "token-1"));
+    assert_eq!(
+        secret.annotations().get(chain::TOKEN_FINGERPRINT),
+        Some(&fp)
+    );
     assert_eq!(
         w.ready("messaging").await,
         ("True".into(), "Refreshed".into())

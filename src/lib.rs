@@ -1,8 +1,9 @@
 //! scg-token-operator: keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
 //!
 //! The road a refresh travels: a watch event reaches [`reconcile`], which reads the chain
-//! ([`chain`]), asks [`policy`] whether a refresh is due, calls the API ([`scg`]), stores
-//! the new token ([`chain::persist`]) and reports ([`report`]).
+//! ([`chain`]), asks [`policy`] whether it may go on and whether a refresh is due, calls
+//! the API ([`scg`]), stores the new token ([`chain::persist`]) and reports ([`report`]).
+//! [`k8s`] bounds every Kubernetes request in time.
 #![forbid(unsafe_code)]
 
 pub mod admin;

@@ -354,7 +354,7 @@ fn add_ms(t: Timestamp, millis: i64) -> Timestamp {
         .unwrap_or(t)
 }
 
-/// A key for [`spread`] from any string, e.g. an object's uid.
+/// A key for the jitter (`spread`) from any string, e.g. an object's uid.
 pub fn jitter_key(s: &str) -> u64 {
     // FNV-1a: stable across processes and releases, unlike `DefaultHasher`.
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

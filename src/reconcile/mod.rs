@@ -1,14 +1,14 @@
 //! The refresh reconciler. It orchestrates and owns no rule of its own; a pass reads
 //! top-down:
 //!
-//! 1. store a token held in memory, if any ([`act`]): nothing may come before it;
-//! 2. [`observe`]: every read, into one struct;
+//! 1. store a token held in memory, if any (`act.rs`): nothing may come before it;
+//! 2. `observe.rs`: every read, into one struct;
 //! 3. [`policy::gates`], then [`policy::footing`] and [`policy::decide`]: pure decisions;
-//! 4. [`act`]: the writes the chosen footing implies, the refresh call, the store;
-//! 5. [`outcome`]: pure, from what happened to status, Events and the next wake-up;
-//! 6. [`publish`]: the one function that writes status and Events.
+//! 4. `act.rs`: the writes the chosen footing implies, the refresh call, the store;
+//! 5. `outcome.rs`: pure, from what happened to status, Events and the next wake-up;
+//! 6. `publish.rs`: the one function that writes status and Events.
 //!
-//! [`memory`] keeps one entry per ScgToken between passes; [`controller`] wires the
+//! `memory.rs` keeps one entry per ScgToken between passes; [`controller`] wires the
 //! watches.
 
 use std::{

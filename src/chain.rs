@@ -19,7 +19,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     crd::{DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken},
-    policy::TokenTimes,
+    k8s::{bounded, describe},
+    policy::{Descends, TokenTimes},
     scg::SecretString,
 };
 
@@ -51,6 +52,12 @@ pub struct Chain {
     pub seed_fingerprint: String,
 }
 
+impl Descends for Chain {
+    fn seed_fingerprint(&self) -> &str {
+        &self.seed_fingerprint
+    }
+}
+
 /// What stands at the target Secret's name. Not `Debug`: it holds a Secret's data.
 #[derive(Clone)]
 pub enum Target {
@@ -58,6 +65,24 @@ pub enum Target {
     /// A Secret without the ownership marker: never touched.
     Foreign,
     Owned(Box<Secret>),
+}
+
+impl Target {
+    /// The Secret, when it is this ScgToken's.
+    pub fn owned(&self) -> Option<&Secret> {
+        match self {
+            Target::Owned(s) => Some(s),
+            Target::Absent | Target::Foreign => None,
+        }
+    }
+
+    /// The Secret, when it is this ScgToken's.
+    pub fn into_owned(self) -> Option<Secret> {
+        match self {
+            Target::Owned(s) => Some(*s),
+            Target::Absent | Target::Foreign => None,
+        }
+    }
 }
 
 /// Why the inputs of a chain cannot be read. Messages name Secrets and keys, never values.
@@ -228,36 +253,6 @@ pub fn desired_secret(owner: &ScgToken, base: Option<&Secret>, chain: &Chain) ->
         s.metadata.owner_references = None;
     }
     s
-}
-
-/// Longest wait for one Kubernetes API request. The client has no read timeout of its
-/// own (watches must not have one), and a request that never returns would stall the
-/// chain's pending write and the shutdown behind it.
-pub const API_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `f`, or a timeout error after [`API_TIMEOUT`].
-pub async fn bounded<T>(
-    f: impl std::future::Future<Output = Result<T, kube::Error>>,
-) -> Result<T, kube::Error> {
-    match tokio::time::timeout(API_TIMEOUT, f).await {
-        Ok(result) => result,
-        Err(_) => Err(kube::Error::Service(Box::new(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the Kubernetes API did not answer in time",
-        )))),
-    }
-}
-
-/// A Kubernetes API error in the operator's own words: the code and reason of an API
-/// answer, never its message (admission webhooks may quote the object, here a token).
-pub fn describe(e: &kube::Error) -> String {
-    match e {
-        kube::Error::Api(s) => format!("the Kubernetes API answered {} {}", s.code, s.reason),
-        kube::Error::Service(_) | kube::Error::HyperError(_) => {
-            "the Kubernetes API could not be reached or did not answer in time".into()
-        }
-        _ => "the Kubernetes API request failed".into(),
-    }
 }
 
 /// Why a write of the target Secret did not land.

@@ -7,8 +7,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-/// API group of the custom resource.
-pub const GROUP: &str = "scgtoken.io";
 /// Label put on every target Secret the operator creates; the ownership marker together
 /// with [`OWNER_ANNOTATION`]. The operator only writes Secrets that carry it.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";

@@ -58,7 +58,7 @@ impl Leadership {
         if !*rx.borrow() {
             return false;
         }
-        let Ok(lease) = crate::chain::bounded(api.get(name)).await else {
+        let Ok(lease) = crate::k8s::bounded(api.get(name)).await else {
             return false;
         };
         let Some(spec) = lease.spec else {

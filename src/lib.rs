@@ -1,13 +1,15 @@
 //! scg-token-operator: keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
 //!
 //! The road a refresh travels: a watch event reaches [`reconcile`], which reads the chain
-//! ([`chain`]), asks [`policy`] whether a refresh is due, calls the API ([`scg`]), stores
-//! the new token ([`chain::persist`]) and reports ([`report`]).
+//! ([`chain`]), asks [`policy`] whether it may go on and whether a refresh is due, calls
+//! the API ([`scg`]), stores the new token ([`chain::persist`]) and reports ([`report`]).
+//! [`k8s`] bounds every Kubernetes request in time.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod chain;
 pub mod crd;
+pub mod k8s;
 pub mod leader;
 pub mod policy;
 pub mod reconcile;
@@ -16,7 +18,10 @@ pub mod scg;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{
+    events::{Recorder, Reporter},
+    reflector,
+};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::info;
@@ -24,7 +29,7 @@ use tracing::info;
 /// Errors of a reconcile pass or of start-up. Messages never carry a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}", chain::describe(.0))]
+    #[error("{}", k8s::describe(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Persist(#[from] chain::PersistError),
@@ -94,41 +99,31 @@ pub async fn run(
     // The Lease is released only after the controller has finished its last refresh,
     // so a standby cannot start refreshing while this replica still is.
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let (leadership, election) = match config.election {
-        Some(election) => {
-            let m = metrics.clone();
-            let released = async move {
-                let _ = release_rx.await;
-            };
-            let (l, task) = leader::elect(client.clone(), election, released, move |leading| {
-                m.leader.set(i64::from(leading));
-            })
-            .await?;
-            (l, Some(task))
-        }
-        None => {
-            metrics.leader.set(1);
-            (leader::Leadership::always(), None)
-        }
+    let released = async move {
+        let _ = release_rx.await;
     };
+    let (leadership, election) = lead(&client, config.election, &metrics, released).await?;
 
     let reporter = Reporter {
         controller: "scg-token-operator".into(),
         instance: Some(config.identity.clone()),
     };
-    let ctx = Arc::new(reconcile::Context::new(
-        client.clone(),
-        config.token_api,
-        config.clock,
-        Recorder::new(client, reporter),
+    let (tokens, tokens_writer) = reflector::store();
+    let ctx = Arc::new(reconcile::Context::new(reconcile::Deps {
+        client: client.clone(),
+        token_api: config.token_api,
+        clock: config.clock,
+        recorder: Recorder::new(client, reporter),
         metrics,
         leadership,
-        config.allow_insecure,
-    ));
+        allow_insecure: config.allow_insecure,
+        tokens,
+    }));
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(
         ctx.clone(),
+        tokens_writer,
         config.namespace.as_deref(),
         stopped(),
         move || {
@@ -146,4 +141,24 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Joins the leader election, if there is one; `released` ends the election task's hold
+/// on the Lease. Keeps the `leader` metric current.
+async fn lead(
+    client: &kube::Client,
+    election: Option<leader::ElectionConfig>,
+    metrics: &Arc<report::Metrics>,
+    released: impl Future<Output = ()> + Send + 'static,
+) -> Result<(leader::Leadership, Option<tokio::task::JoinHandle<()>>), Error> {
+    let Some(election) = election else {
+        metrics.leader.set(1);
+        return Ok((leader::Leadership::always(), None));
+    };
+    let m = metrics.clone();
+    let (leadership, task) = leader::elect(client.clone(), election, released, move |leading| {
+        m.leader.set(i64::from(leading));
+    })
+    .await?;
+    Ok((leadership, Some(task)))
 }

@@ -1,5 +1,10 @@
-//! Every time decision, as pure functions of data and an instant: is a refresh due, when
-//! is the next one, how long to back off. No I/O; the clock is injected.
+//! Every decision of a pass, as pure functions of data and an instant: may the pass go
+//! on at all ([`gates`]), which token the chain stands on ([`footing`]), is a refresh
+//! due, when is the next one, how long to back off. No I/O; the clock is injected.
+
+mod gates;
+
+pub use gates::{Blocked, CHAIN_OWNER_RECHECK, Cleared, Facts, Stop, Unloaded, gates};
 
 use std::time::Duration;
 
@@ -144,6 +149,46 @@ pub struct TokenTimes {
     pub expires_at: Option<Timestamp>,
 }
 
+/// A chain of tokens as far as [`footing`] is concerned.
+pub trait Descends {
+    /// Fingerprint of the seed the chain descends from.
+    fn seed_fingerprint(&self) -> &str;
+}
+
+/// Which token a chain stands on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Footing<C> {
+    /// The target Secret's: it descends from the current seed.
+    Stored(C),
+    /// The one in memory: the target Secret lost it (deleted, or overwritten by hand),
+    /// so it is written back.
+    Restore(C),
+    /// The seed itself: a new chain. `rotated` when the target Secret held a chain from
+    /// another seed (a human put a new seed in place).
+    Seed { rotated: bool },
+}
+
+/// Chooses the token a chain stands on: the target Secret's if it descends from the
+/// current seed (`seed`, a fingerprint); else the one in memory if it does; else the
+/// seed itself.
+pub fn footing<C: Descends>(seed: &str, stored: Option<C>, remembered: Option<C>) -> Footing<C> {
+    let rotated = stored.is_some();
+    if let Some(c) = stored.filter(|c| c.seed_fingerprint() == seed) {
+        return Footing::Stored(c);
+    }
+    if let Some(c) = remembered.filter(|c| c.seed_fingerprint() == seed) {
+        return Footing::Restore(c);
+    }
+    Footing::Seed { rotated }
+}
+
+/// Whether the refresh-request annotation asks for a refresh: it has a value that is
+/// neither the one recorded in status nor, in case that status write failed, the one
+/// remembered as handled.
+pub fn requested(annotation: Option<&str>, in_status: Option<&str>, handled: Option<&str>) -> bool {
+    annotation.is_some() && annotation != in_status && annotation != handled
+}
+
 /// Everything `decide` needs, gathered by the reconciler.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs<'a> {
@@ -188,6 +233,32 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         // An unknown expiry (a seed) or a due token: refresh at once.
         _ => Decision::Refresh,
     }
+}
+
+/// The times of a token issued by a request sent at `sent_at` with the lifetime the API
+/// returned, and the lifetime it is scheduled by. Its life starts no later than the
+/// request left: counting from the answer's arrival would be late by the call's
+/// duration. A lifetime of zero means a token that does not expire: it is scheduled by
+/// the requested `validity` anyway, so it keeps being rotated.
+pub fn issued(
+    sent_at: Timestamp,
+    lifetime: Duration,
+    validity: Duration,
+) -> (TokenTimes, Duration) {
+    let lifetime = if lifetime.is_zero() {
+        validity
+    } else {
+        lifetime
+    };
+    let expires_at = SignedDuration::try_from(lifetime)
+        .ok()
+        .and_then(|d| sent_at.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX);
+    let times = TokenTimes {
+        issued_at: Some(sent_at),
+        expires_at: Some(expires_at),
+    };
+    (times, lifetime)
 }
 
 /// When a token with these times is due for refresh, or `None` when its expiry is unknown.
@@ -283,7 +354,7 @@ fn add_ms(t: Timestamp, millis: i64) -> Timestamp {
         .unwrap_or(t)
 }
 
-/// A key for [`spread`] from any string, e.g. an object's uid.
+/// A key for the jitter (`spread`) from any string, e.g. an object's uid.
 pub fn jitter_key(s: &str) -> u64 {
     // FNV-1a: stable across processes and releases, unlike `DefaultHasher`.
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -513,6 +584,69 @@ mod tests {
         ];
         for (name, inputs, want) in table {
             assert_eq!(decide(&inputs), want, "{name}");
+        }
+    }
+
+    impl Descends for &str {
+        fn seed_fingerprint(&self) -> &str {
+            self
+        }
+    }
+
+    #[test]
+    fn dates_a_new_token_from_the_request() {
+        let hour = Duration::from_secs(3600);
+        let minute = Duration::from_secs(60);
+        assert_eq!(issued(t(0), minute, hour), (times(0, 60), minute));
+        // No expiry from the API: rotated by the requested validity.
+        assert_eq!(issued(t(0), Duration::ZERO, hour), (times(0, 3600), hour));
+        let (far, _) = issued(t(0), Duration::MAX, hour);
+        assert_eq!(far.expires_at, Some(Timestamp::MAX));
+    }
+
+    #[test]
+    fn chooses_the_footing() {
+        // (stored chain's seed, remembered chain's seed, footing)
+        let table = [
+            (Some("s1"), None, Footing::Stored("s1")),
+            (Some("s1"), Some("s1"), Footing::Stored("s1")),
+            // The Secret was deleted: memory restores it.
+            (None, Some("s1"), Footing::Restore("s1")),
+            // The Secret was overwritten with something from another seed.
+            (Some("s0"), Some("s1"), Footing::Restore("s1")),
+            (None, None, Footing::Seed { rotated: false }),
+            // A new seed: whatever is stored or remembered descends from the old one.
+            (Some("s0"), None, Footing::Seed { rotated: true }),
+            (None, Some("s0"), Footing::Seed { rotated: false }),
+            (Some("s0"), Some("s0"), Footing::Seed { rotated: true }),
+        ];
+        for (stored, remembered, want) in table {
+            assert_eq!(
+                footing("s1", stored, remembered),
+                want,
+                "{stored:?} {remembered:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_refresh_request_is_honoured_once() {
+        // (annotation, recorded in status, remembered as handled, requested)
+        let table = [
+            (None, None, None, false),
+            (Some("a"), None, None, true),
+            (Some("b"), Some("a"), Some("a"), true),
+            (Some("a"), Some("a"), None, false),
+            // The status write of the pass that honoured it failed.
+            (Some("a"), None, Some("a"), false),
+            (None, Some("a"), Some("a"), false),
+        ];
+        for (annotation, in_status, handled, want) in table {
+            assert_eq!(
+                requested(annotation, in_status, handled),
+                want,
+                "{annotation:?} {in_status:?} {handled:?}"
+            );
         }
     }
 

@@ -1,7 +1,7 @@
 //! What the operator tells people: the `Ready` condition, Events and Prometheus metrics.
 //! Nothing here ever receives a credential or a token: only reasons, names and times.
 
-use std::sync::atomic::AtomicU64;
+use std::{str::FromStr, sync::atomic::AtomicU64};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -35,6 +35,20 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason, for reading one back from a stored condition.
+    pub const ALL: [Reason; 10] = [
+        Reason::Refreshed,
+        Reason::Pending,
+        Reason::CredentialsNotFound,
+        Reason::InvalidSpec,
+        Reason::Rejected,
+        Reason::Unavailable,
+        Reason::InvalidResponse,
+        Reason::Expired,
+        Reason::Suspended,
+        Reason::TargetConflict,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Refreshed => "Refreshed",
@@ -53,6 +67,22 @@ impl Reason {
     /// Whether `Ready` is `True` with this reason.
     pub fn is_ready(self) -> bool {
         self == Reason::Refreshed
+    }
+}
+
+/// A condition reason this operator does not write (another writer, or an older version).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown reason")]
+pub struct UnknownReason;
+
+impl FromStr for Reason {
+    type Err = UnknownReason;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or(UnknownReason)
     }
 }
 
@@ -223,6 +253,15 @@ mod tests {
             (flipped.status.as_str(), flipped.last_transition_time),
             ("True", Time(t1))
         );
+    }
+
+    #[test]
+    fn every_reason_reads_back_from_its_name() {
+        for reason in Reason::ALL {
+            assert_eq!(reason.as_str().parse(), Ok(reason));
+        }
+        assert_eq!("Ready".parse::<Reason>(), Err(UnknownReason));
+        assert_eq!("refreshed".parse::<Reason>(), Err(UnknownReason));
     }
 
     #[test]

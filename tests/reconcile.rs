@@ -17,7 +17,10 @@ use k8s_openapi::{
 use kube::{
     Api, CustomResourceExt, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::events::{Recorder, Reporter},
+    runtime::{
+        events::{Recorder, Reporter},
+        reflector::{self, Store},
+    },
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
@@ -25,7 +28,7 @@ use scg_token_operator::{
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
     leader::Leadership,
     policy::Clock,
-    reconcile::{Context, reconcile},
+    reconcile::{Context, Deps, reconcile},
     report::Metrics,
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
@@ -99,19 +102,30 @@ impl TokenApi for FakeApi {
 
 /// A fresh operator context: what a newly started process has (nothing in memory).
 fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<FakeClock>) -> Arc<Context> {
+    context_with_cache(client, api, clock, reflector::store().0)
+}
+
+/// A fresh context whose ScgToken cache is `tokens`.
+fn context_with_cache(
+    client: &kube::Client,
+    api: &Arc<FakeApi>,
+    clock: &Arc<FakeClock>,
+    tokens: Store<ScgToken>,
+) -> Arc<Context> {
     let reporter = Reporter {
         controller: "scg-token-operator".into(),
         instance: Some("test".into()),
     };
-    Arc::new(Context::new(
-        client.clone(),
-        api.clone(),
-        clock.clone(),
-        Recorder::new(client.clone(), reporter),
-        Arc::new(Metrics::register(&mut Registry::default())),
-        Leadership::always(),
-        false,
-    ))
+    Arc::new(Context::new(Deps {
+        client: client.clone(),
+        token_api: api.clone(),
+        clock: clock.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics: Arc::new(Metrics::register(&mut Registry::default())),
+        leadership: Leadership::always(),
+        allow_insecure: false,
+        tokens,
+    }))
 }
 
 struct World {
@@ -297,7 +311,12 @@ async fn first_refresh_replaces_the_seed_and_creates_the_target() {
     assert_eq!(status.consecutive_failures, 0);
     let fp = status.token_fingerprint.unwrap();
     assert_eq!(fp.len(), 16);
-    assert_ne!(fp, "token-1");
+    // Status names the stored token by its salted fingerprint, the one on the Secret.
+    assert_eq!(fp, chain::fingerprint(&t, "token-1"));
+    assert_eq!(
+        secret.annotations().get(chain::TOKEN_FINGERPRINT),
+        Some(&fp)
+    );
     assert_eq!(
         w.ready("messaging").await,
         ("True".into(), "Refreshed".into())
@@ -705,11 +724,14 @@ async fn two_scgtokens_on_one_credentials_secret_do_not_both_refresh() {
     w.create("first", |_| {}).await;
     w.create("second", |s| s.target.name = Some("second-token".into()))
         .await;
-    let (store, mut writer) = kube::runtime::reflector::store::<ScgToken>();
+    let (store, mut writer) = reflector::store::<ScgToken>();
     for name in ["first", "second"] {
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(w.token(name).await));
     }
-    w.ctx.set_token_store(store);
+    let w = World {
+        ctx: context_with_cache(&w.client, &w.api, &w.clock, store),
+        ..w
+    };
     w.api.issue("token-1", 3600);
 
     w.reconcile("second").await.unwrap();

@@ -1,0 +1,150 @@
+//! The reconciler's state: the services a pass uses, the ScgToken cache, and memory.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    runtime::{events::Recorder, reflector::Store},
+};
+use tracing::{Instrument, info_span, warn};
+
+use super::{
+    act,
+    memory::{Key, Memory},
+};
+use crate::{
+    chain::{self, Chain},
+    crd::ScgToken,
+    k8s,
+    leader::Leadership,
+    policy::Clock,
+    report::Metrics,
+    scg::TokenApi,
+};
+
+/// Everything a reconcile needs; tests build it with fakes.
+pub struct Context {
+    pub client: kube::Client,
+    pub token_api: Arc<dyn TokenApi>,
+    pub clock: Arc<dyn Clock>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub leadership: Leadership,
+    /// Accept `http://` endpoints (tests and local trials only).
+    pub allow_insecure: bool,
+    /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
+    pub(super) tokens: Store<ScgToken>,
+    pub(super) memory: Memory,
+}
+
+/// What a [`Context`] is built from.
+pub struct Deps {
+    pub client: kube::Client,
+    /// The SCG refresh API.
+    pub token_api: Arc<dyn TokenApi>,
+    pub clock: Arc<dyn Clock>,
+    /// Publishes the Events.
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub leadership: Leadership,
+    /// Accept `http://` endpoints (tests and local trials only).
+    pub allow_insecure: bool,
+    /// The ScgToken cache; its writer goes to [`controller`](super::controller), which fills it.
+    pub tokens: Store<ScgToken>,
+}
+
+impl Context {
+    /// A context with nothing in memory, as a newly started process has.
+    pub fn new(deps: Deps) -> Self {
+        let Deps {
+            client,
+            token_api,
+            clock,
+            recorder,
+            metrics,
+            leadership,
+            allow_insecure,
+            tokens,
+        } = deps;
+        Context {
+            client,
+            token_api,
+            clock,
+            recorder,
+            metrics,
+            leadership,
+            allow_insecure,
+            tokens,
+            memory: Memory::default(),
+        }
+    }
+
+    /// The oldest other ScgToken in the same namespace that uses the same credentials
+    /// Secret: two refreshers of one chain would revoke each other's tokens, so only the
+    /// oldest may run.
+    pub(super) fn chain_owner_other_than(&self, obj: &ScgToken) -> Option<String> {
+        let age = |t: &ScgToken| {
+            (
+                t.metadata.creation_timestamp.clone().map(|c| c.0),
+                t.name_any(),
+            )
+        };
+        self.tokens
+            .state()
+            .iter()
+            .filter(|t| {
+                t.metadata.namespace == obj.metadata.namespace
+                    && t.metadata.deletion_timestamp.is_none()
+                    && t.spec.credentials_secret_ref.name == obj.spec.credentials_secret_ref.name
+                    && age(t) < age(obj)
+            })
+            .min_by_key(|t| age(t))
+            .map(|t| t.name_any())
+    }
+
+    /// Writes every token still held in memory, retrying each second until `within`
+    /// has passed. Called on shutdown after the last pass, before the Lease is released.
+    pub async fn flush_pending(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let pending = self.memory.all_pending();
+            if pending.is_empty() {
+                return;
+            }
+            for (key, held) in pending {
+                let span = info_span!("flush", namespace = %key.namespace, scgtoken = %key.name);
+                self.flush_one(&key, &held).instrument(span).await;
+            }
+            if Instant::now() >= deadline {
+                warn!("shutting down with a token still held in memory");
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn flush_one(&self, key: &Key, held: &Chain) {
+        // Only the write: no refresh call may start during shutdown.
+        let tokens: Api<ScgToken> = Api::namespaced(self.client.clone(), &key.namespace);
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &key.namespace);
+        let Ok(Some(obj)) = k8s::bounded(tokens.get_opt(&key.name)).await else {
+            return;
+        };
+        let Ok(target) = chain::load_target(&secrets, &obj).await else {
+            return;
+        };
+        match act::store_held(self, &obj, target.owned(), held).await {
+            Ok(_) | Err(chain::PersistError::Superseded(_)) => {}
+            Err(e) => warn!(error = %e, "could not store the token held in memory"),
+        }
+    }
+
+    /// Whether a token received but not yet stored is held for this chain.
+    pub fn has_pending(&self, namespace: &str, name: &str) -> bool {
+        self.memory.pending(&Key::new(namespace, name)).is_some()
+    }
+}

@@ -1,0 +1,136 @@
+//! What the operator remembers between passes, one entry per ScgToken. Lost on restart
+//! by design: the target Secret is the chain's durable home; memory only bridges the
+//! moments when it cannot be written.
+
+use std::{
+    collections::HashMap,
+    sync::{Mutex, MutexGuard},
+};
+
+use jiff::Timestamp;
+
+use crate::chain::Chain;
+
+/// An ScgToken's namespace and name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl Key {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Key {
+        Key {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+/// The newest token of a chain. `persisted == false` means it was received but not yet
+/// stored: no refresh call happens until it is.
+#[derive(Clone)]
+struct Held {
+    chain: Chain,
+    persisted: bool,
+}
+
+/// Everything remembered of one ScgToken.
+#[derive(Default)]
+struct Entry {
+    held: Option<Held>,
+    /// The last refresh-request annotation value acted on, in case its status write did
+    /// not land: a request is honoured once.
+    handled_request: Option<String>,
+    /// When the last `Refreshed` Event was published.
+    refreshed_event_at: Option<Timestamp>,
+}
+
+/// One entry per ScgToken, behind one lock.
+#[derive(Default)]
+pub struct Memory(Mutex<HashMap<Key, Entry>>);
+
+impl Memory {
+    fn entries(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
+        // Nothing panics while holding the lock; if something ever did, a held token
+        // is still better kept than dropped.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The newest token known for `key`, stored or not.
+    pub fn chain(&self, key: &Key) -> Option<Chain> {
+        let entries = self.entries();
+        Some(entries.get(key)?.held.as_ref()?.chain.clone())
+    }
+
+    /// The token received for `key` and not yet stored, if any.
+    pub fn pending(&self, key: &Key) -> Option<Chain> {
+        let entries = self.entries();
+        let held = entries.get(key)?.held.as_ref()?;
+        (!held.persisted).then(|| held.chain.clone())
+    }
+
+    /// Every token received and not yet stored.
+    pub fn all_pending(&self) -> Vec<(Key, Chain)> {
+        self.entries()
+            .iter()
+            .filter_map(|(key, e)| {
+                let held = e.held.as_ref().filter(|h| !h.persisted)?;
+                Some((key.clone(), held.chain.clone()))
+            })
+            .collect()
+    }
+
+    /// Remembers a token just received, before it is stored.
+    pub fn hold(&self, key: &Key, chain: Chain) {
+        self.set_held(key, chain, false);
+    }
+
+    /// Remembers that `chain` is in the target Secret (or something newer is).
+    pub fn stored(&self, key: &Key, chain: Chain) {
+        self.set_held(key, chain, true);
+    }
+
+    fn set_held(&self, key: &Key, chain: Chain, persisted: bool) {
+        self.entries().entry(key.clone()).or_default().held = Some(Held { chain, persisted });
+    }
+
+    pub fn handled_request(&self, key: &Key) -> Option<String> {
+        self.entries().get(key)?.handled_request.clone()
+    }
+
+    pub fn set_handled_request(&self, key: &Key, value: Option<String>) {
+        self.entries()
+            .entry(key.clone())
+            .or_default()
+            .handled_request = value;
+    }
+
+    pub fn refreshed_event_at(&self, key: &Key) -> Option<Timestamp> {
+        self.entries().get(key)?.refreshed_event_at
+    }
+
+    pub fn set_refreshed_event_at(&self, key: &Key, at: Timestamp) {
+        self.entries()
+            .entry(key.clone())
+            .or_default()
+            .refreshed_event_at = Some(at);
+    }
+
+    /// Forgets an ScgToken that is gone or no longer ours, except a token it still has
+    /// to store: that one is never dropped.
+    pub fn forget(&self, key: &Key) {
+        let mut entries = self.entries();
+        match entries.get_mut(key) {
+            Some(e) if e.held.as_ref().is_some_and(|h| !h.persisted) => {
+                e.handled_request = None;
+                e.refreshed_event_at = None;
+            }
+            _ => {
+                entries.remove(key);
+            }
+        }
+    }
+}

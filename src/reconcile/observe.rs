@@ -1,0 +1,59 @@
+//! Every read of a pass, gathered before anything is decided.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+use super::Pass;
+use crate::{
+    chain::{self, Chain, Credentials, LoadError, Target},
+    crd::REFRESH_REQUEST_ANNOTATION,
+    policy::{Facts, Unloaded},
+    scg::Endpoint,
+};
+
+/// What a pass knows once the token held in memory, if any, was stored.
+pub(super) struct Observed<'a> {
+    /// What the gates look at: deletion, leadership, the spec and its endpoint, another
+    /// owner of the chain, a foreign target, the credentials.
+    pub facts: Facts<'a, Endpoint, Credentials, kube::Error>,
+    /// The target Secret, when it is this ScgToken's.
+    pub target: Option<Secret>,
+    /// The newest token of the chain in memory.
+    pub remembered: Option<Chain>,
+    /// The refresh-request annotation's value.
+    pub request: Option<String>,
+    /// The value memory last acted on.
+    pub handled_request: Option<String>,
+}
+
+impl<'a> Pass<'a> {
+    /// Reads the credentials, memory, the ScgToken cache and the leadership, around the
+    /// target Secret as it stands.
+    pub(super) async fn observe(&self, target: Target) -> Observed<'a> {
+        let credentials = chain::load_credentials(&self.secrets, self.obj)
+            .await
+            .map_err(|e| match e {
+                LoadError::Missing(message) => Unloaded::Missing(message),
+                LoadError::Kube(e) => Unloaded::Unreadable(e),
+            });
+        let obj = self.obj;
+        let facts = Facts {
+            now: self.now,
+            deleting: obj.metadata.deletion_timestamp.is_some(),
+            leader: self.ctx.leadership.is_leader(),
+            spec: &obj.spec,
+            endpoint: Endpoint::parse(&obj.spec.endpoint, self.ctx.allow_insecure),
+            chain_owner: self.ctx.chain_owner_other_than(obj),
+            target_name: obj.target_name(),
+            target_foreign: matches!(target, Target::Foreign),
+            credentials,
+        };
+        Observed {
+            facts,
+            target: target.into_owned(),
+            remembered: self.ctx.memory.chain(&self.key),
+            request: obj.annotations().get(REFRESH_REQUEST_ANNOTATION).cloned(),
+            handled_request: self.ctx.memory.handled_request(&self.key),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! The one place a pass's outcome leaves the process: metrics, the status write and the
+//! Events.
+
+use std::time::Duration;
+
+use jiff::SignedDuration;
+use kube::{
+    Api, Resource,
+    api::{Patch, PatchParams},
+    runtime::{controller::Action, events::Event},
+};
+use tracing::warn;
+
+use super::{
+    Pass,
+    outcome::{self, Happened, Outcome, Prior},
+};
+use crate::{crd::ScgToken, k8s, report::TokenLabels};
+
+/// Field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "scg-token-operator";
+
+impl Pass<'_> {
+    /// Reports what happened and says when to look again.
+    pub(super) async fn report(&self, happened: Happened) -> Action {
+        self.publish(self.outcome(happened)).await
+    }
+
+    /// The outcome of what happened, from the ScgToken as this pass read it.
+    pub(super) fn outcome(&self, happened: Happened) -> Outcome {
+        let target_name = self.obj.target_name();
+        let prior = Prior {
+            status: &self.prev,
+            ready: self.obj.ready_condition(),
+            generation: self.obj.metadata.generation,
+            target_name: &target_name,
+            refreshed_event_at: self.ctx.memory.refreshed_event_at(&self.key),
+        };
+        outcome::outcome(&prior, happened, self.now)
+    }
+
+    /// Updates the metrics, writes status if its serialized form changed, publishes the
+    /// Events, and turns the wake-up into the controller's Action.
+    pub(super) async fn publish(&self, out: Outcome) -> Action {
+        if out.refreshed_event {
+            self.ctx.memory.set_refreshed_event_at(&self.key, self.now);
+        }
+        let labels = TokenLabels {
+            namespace: self.key.namespace.clone(),
+            name: self.key.name.clone(),
+        };
+        self.ctx.metrics.set_token(
+            &labels,
+            out.status.expires_at.as_ref().map(|t| t.0),
+            out.status.next_refresh_at.as_ref().map(|t| t.0),
+            out.reason.is_ready(),
+            out.status.consecutive_failures,
+        );
+        let mut wake = out.wake;
+        // Compare as serialized: Kubernetes times have whole-second precision, so an
+        // instant computed to the millisecond equals its stored form only this way.
+        if serde_json::to_value(&out.status).ok() != serde_json::to_value(&self.prev).ok() {
+            let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
+            let patch = serde_json::json!({
+                "apiVersion": ScgToken::api_version(&()),
+                "kind": ScgToken::kind(&()),
+                "status": out.status,
+            });
+            let written = k8s::bounded(api.patch_status(
+                &self.key.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            ))
+            .await;
+            if let Err(e) = written {
+                // The schedule computed here still holds (a back-off is not cut short);
+                // without one, try again soon so the status catches up.
+                warn!(error = %k8s::describe(&e), "could not write status");
+                wake = wake.or(Some(self.now + SignedDuration::from_secs(5)));
+            }
+        }
+        let reference = self.obj.object_ref(&());
+        for notice in out.events {
+            let event = Event {
+                type_: notice.type_,
+                reason: notice.reason.into(),
+                note: Some(notice.note),
+                action: "Refresh".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+                warn!(error = %e, reason = notice.reason, "could not publish an Event");
+            }
+        }
+        match wake {
+            Some(at) => Action::requeue(
+                self.ctx
+                    .clock
+                    .now()
+                    .duration_until(at)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO),
+            ),
+            None => Action::await_change(),
+        }
+    }
+}

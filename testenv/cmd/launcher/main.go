@@ -88,14 +88,15 @@ func run() int {
 		p.stop()
 		cancel()
 		<-watcherDone
-		logf("control plane failed to start: %v", err)
-		logf("logs kept in %s", p.dir)
 		select {
 		case s := <-startupSignal:
+			p.removeDir()
 			return 128 + int(s.(syscall.Signal))
 		default:
-			return exitSetup
 		}
+		logf("control plane failed to start: %v", err)
+		p.keepDir()
+		return exitSetup
 	}
 	logf("control plane ready in %.1fs; kubeconfig %s", time.Since(started).Seconds(), p.kubeconfig)
 
@@ -106,18 +107,60 @@ func run() int {
 	select {
 	case s := <-startupSignal:
 		p.stop()
-		_ = os.RemoveAll(p.dir)
+		p.removeDir()
 		return 128 + int(s.(syscall.Signal))
 	default:
 	}
 	code := p.runCommand(command, signals)
 	p.stop()
 	if keep {
-		logf("SCG_TESTENV_KEEP set: logs and data kept in %s", p.dir)
-	} else if err := os.RemoveAll(p.dir); err != nil {
-		logf("could not remove %s: %v", p.dir, err)
+		p.keepDir()
+	} else {
+		p.removeDir()
 	}
 	return code
+}
+
+const (
+	dirPrefix = "scg-testenv-"
+	// Marks a run's directory as owned by a live launcher; a kept directory has none.
+	pidFile = "launcher.pid"
+)
+
+func (p *plane) removeDir() {
+	if p.dir == "" {
+		return
+	}
+	if err := os.RemoveAll(p.dir); err != nil {
+		logf("could not remove %s: %v", p.dir, err)
+	}
+}
+
+func (p *plane) keepDir() {
+	if p.dir == "" {
+		return
+	}
+	_ = os.Remove(filepath.Join(p.dir, pidFile))
+	logf("logs and data kept in %s", p.dir)
+}
+
+// removeStaleDirs deletes what launchers that were SIGKILLed left behind: directories
+// whose launcher is gone. Their servers died with them (Pdeathsig).
+func removeStaleDirs() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), dirPrefix+"*"))
+	for _, dir := range dirs {
+		data, err := os.ReadFile(filepath.Join(dir, pidFile))
+		if err != nil {
+			continue
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+		if err != nil || pid <= 0 {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			_ = os.RemoveAll(dir)
+		}
+	}
 }
 
 func startTimeout() time.Duration {
@@ -135,8 +178,12 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
+	removeStaleDirs()
 	var err error
-	if p.dir, err = os.MkdirTemp("", "scg-testenv-"); err != nil {
+	if p.dir, err = os.MkdirTemp("", dirPrefix); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(p.dir, pidFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return err
 	}
 	if p.versions, err = readVersions(filepath.Join(p.bin, "versions")); err != nil {
@@ -145,7 +192,7 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	if p.pki, err = newPKI(p.dir); err != nil {
 		return fmt.Errorf("certificates: %w", err)
 	}
-	ports, err := freePorts(5)
+	ports, err := freePorts(4)
 	if err != nil {
 		return err
 	}

@@ -18,7 +18,9 @@ use std::{
 };
 
 use common::admin::{admin_addr, http, metrics_text, not_ready_message, readyz_ok};
-use common::harness::{CONSUMER_KEY, Env, PATIENCE, lease_holder, short, wait_target_change};
+use common::harness::{
+    CONSUMER_KEY, Env, Operator, PATIENCE, lease_holder, short, wait_target_change,
+};
 use common::metrics::{metric, parse_metrics};
 use common::proxy::CallTap;
 use k8s_openapi::api::events::v1::Event;
@@ -88,12 +90,196 @@ enum KillAt {
     MidCall,
 }
 
-/// The token the chain currently stands on, as the operator will see it after a restart:
-/// the target's token, unless a reseed made that one obsolete; else the seed.
-fn chain_position(target: &Option<String>, stale: &Option<String>, seed: &str) -> String {
-    match target {
-        Some(t) if Some(t) != stale.as_ref() => t.clone(),
-        _ => seed.to_string(),
+/// Everything the random-SIGKILL test keeps across its kill cycles.
+struct Chaos {
+    rng: XorShift,
+    /// Kinds of kill left in the current block of ten cycles.
+    schedule: Vec<KillAt>,
+    cycle: usize,
+    /// The seed in the credentials Secret now.
+    seed: String,
+    /// Every seed planted so far: their refreshes start a chain rather than continue one.
+    seeds: Vec<String>,
+    /// The target's token when the chain was last reseeded: obsolete until it changes.
+    stale_target: Option<String>,
+    /// How many of the simulator's dead-token uses were checked already.
+    uses_seen: usize,
+    /// Per kind of kill: (kills, kills that landed between issue and store).
+    stats: BTreeMap<KillAt, (usize, usize)>,
+    /// Random kills postponed until a refresh because the token was near its expiry.
+    guarded: usize,
+    /// Chains lost to a kill between issue and store (documented limitation).
+    lost: Vec<String>,
+    /// Cycles after which the stored token had expired.
+    starved: Vec<String>,
+}
+
+impl Chaos {
+    fn new(rng_seed: u64, seed: String) -> Chaos {
+        Chaos {
+            rng: XorShift(rng_seed),
+            schedule: Vec::new(),
+            cycle: 0,
+            seeds: vec![seed.clone()],
+            seed,
+            stale_target: None,
+            uses_seen: 0,
+            stats: BTreeMap::new(),
+            guarded: 0,
+            lost: Vec::new(),
+            starved: Vec::new(),
+        }
+    }
+
+    /// The next kind of kill: every block of ten cycles has each kind, in a seeded order.
+    fn next_kill(&mut self) -> KillAt {
+        if self.schedule.is_empty() {
+            self.schedule = [
+                [KillAt::Random; 6].as_slice(),
+                &[KillAt::AfterStore; 2],
+                &[KillAt::AfterReceipt, KillAt::MidCall],
+            ]
+            .concat();
+            for i in (1..self.schedule.len()).rev() {
+                self.schedule.swap(i, self.rng.below(i as u64 + 1) as usize);
+            }
+        }
+        self.schedule.pop().expect("a scheduled kill")
+    }
+
+    /// The token the chain currently stands on, as the operator will see it after a
+    /// restart, when the target holds `target`: the target's token, unless a reseed made
+    /// that one obsolete; else the seed.
+    fn position(&self, target: &Option<String>) -> String {
+        match target {
+            Some(t) if Some(t) != self.stale_target.as_ref() => t.clone(),
+            _ => self.seed.clone(),
+        }
+    }
+
+    /// Successful refreshes that continue a chain (not the first refresh of a seed).
+    fn chain_refreshes(&self, env: &Env) -> usize {
+        env.sim
+            .refresh_log()
+            .iter()
+            .filter(|c| c.issued().is_some())
+            .filter(|c| {
+                !self
+                    .seeds
+                    .contains(c.old_token.as_ref().unwrap_or(&String::new()))
+            })
+            .count()
+    }
+
+    /// Checks the state after a kill of the operator `op` (of kind `mode`, started at
+    /// `spawned`; the chain stood on `position_before`) once the target holds `target`.
+    /// Returns whether the chain needs a new seed.
+    fn check_kill(
+        &mut self,
+        env: &Env,
+        mode: KillAt,
+        spawned: SystemTime,
+        position_before: &str,
+        target: &Option<String>,
+        op: &Operator,
+    ) -> bool {
+        let cycle = self.cycle;
+        // Where does the chain stand now, and is that what the simulator thinks?
+        if *target != self.stale_target {
+            self.stale_target = None;
+        }
+        let position = self.position(target);
+        let newest = env.sim.current_token(CONSUMER_KEY).expect("the app exists");
+        let uses = env.sim.revoked_uses();
+        for u in &uses[self.uses_seen..] {
+            match u.reason {
+                DeadReason::Revoked => panic!(
+                    "cycle {cycle} (kill {mode:?}): the operator presented a revoked token {} \
+                     on {:?} although the target held the newest token; the chain stood on {} \
+                     before this cycle\n{}",
+                    short(&u.token),
+                    u.endpoint,
+                    short(position_before),
+                    op.logs()
+                ),
+                DeadReason::Expired => assert_eq!(
+                    u.token, position,
+                    "cycle {cycle}: an expired token other than the chain's was presented"
+                ),
+            }
+        }
+        self.uses_seen = uses.len();
+        if position != newest {
+            // The simulator rotated past the stored token. The only legitimate way: the
+            // killed process made the call (received after it started), got or was about
+            // to get the new token, and died before the Secret write.
+            let log = env.sim.refresh_log();
+            let last = log.iter().rev().find(|c| c.issued().is_some());
+            let explained = last.is_some_and(|c| {
+                c.issued() == Some(newest.as_str())
+                    && c.old_token.as_deref() == Some(position.as_str())
+                    && c.at >= spawned
+            });
+            assert!(
+                explained,
+                "cycle {cycle} (kill {mode:?}): the target holds {} but the simulator's newest \
+                 token is {}, and that is not explained by a kill between issue and store \
+                 (last successful call: {:?})\n{}",
+                short(&position),
+                short(&newest),
+                last.map(|c| (c.at, c.old_token.as_deref().map(short))),
+                op.logs()
+            );
+            self.stats.entry(mode).or_default().1 += 1;
+            self.lost.push(format!(
+                "cycle {cycle} (kill {mode:?}): token {} was issued to the killed process and \
+                 never stored",
+                short(&newest)
+            ));
+            true
+        } else if !env.sim.is_valid(&position) {
+            // Not a chain break: the token ran out while the test kept killing.
+            self.starved.push(format!("cycle {cycle} (kill {mode:?})"));
+            true
+        } else {
+            false
+        }
+    }
+
+    /// What a human does after a lost chain: re-generate in the SDC UI and put the new
+    /// seed in the credentials Secret. Done before the restart, so the next operator never
+    /// holds a dead token. The target's token, `target`, is obsolete from then on.
+    async fn reseed(&mut self, env: &Env, target: Option<String>) {
+        self.seed = env.sim.regenerate(CONSUMER_KEY);
+        self.seeds.push(self.seed.clone());
+        env.put_credentials("creds", CONSUMER_KEY, &self.seed).await;
+        self.stale_target = target;
+    }
+
+    fn report(&self, env: &Env, chaos_seed: u64, started: Instant) {
+        eprintln!(
+            "chaos: seed {chaos_seed:#x}, {} kill cycles in {:?}, {} chain refreshes, {} \
+             successful refreshes in all",
+            self.cycle,
+            started.elapsed(),
+            self.chain_refreshes(env),
+            env.sim.successful_refreshes()
+        );
+        for (mode, (kills, lost)) in &self.stats {
+            eprintln!("  kill {mode:?}: {kills} kills, {lost} between issue and store");
+        }
+        eprintln!(
+            "  random kills postponed until a refresh (token near expiry): {}",
+            self.guarded
+        );
+        for l in &self.lost {
+            eprintln!("  chain lost (documented limitation, reseeded): {l}");
+        }
+        for s in &self.starved {
+            eprintln!("  WARNING token expired while the operator was being killed: {s}");
+        }
+        let expired = env.sim.revoked_uses().len();
+        eprintln!("  revoked uses: 0; expired tokens presented: {expired}");
     }
 }
 
@@ -137,7 +323,6 @@ async fn sigkill_at_random_moments_never_presents_a_revoked_token() {
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
         .unwrap_or(0x5eed_c4a0_5b1e_2024);
     eprintln!("chaos seed: {chaos_seed:#x} (replay with SCG_CHAOS_SEED={chaos_seed:x})");
-    let mut rng = XorShift(chaos_seed);
 
     let env = Env::start(SimConfig {
         validity_cap: lifetime,
@@ -145,56 +330,28 @@ async fn sigkill_at_random_moments_never_presents_a_revoked_token() {
     })
     .await;
     let tap = CallTap::start(env.sim.addr()).await;
-    let mut seed = env.credentials("creds", CONSUMER_KEY).await;
-    let mut seeds = vec![seed.clone()];
+    let seed = env.credentials("creds", CONSUMER_KEY).await;
     let url = tap.refresh_url();
     env.scgtoken(TARGET, "creds", |s| s.endpoint = url).await;
-
-    // Per kill mode: (kills, kills that landed between issue and store).
-    let mut stats: BTreeMap<KillAt, (usize, usize)> = BTreeMap::new();
-    let mut guarded = 0;
-    let mut lost = Vec::new();
-    let mut starved: Vec<String> = Vec::new();
-    let mut stale_target: Option<String> = None;
-    let mut uses_seen = 0;
-    let mut schedule: Vec<KillAt> = Vec::new();
-    let mut cycle = 0;
-    let chain_refreshes = |seeds: &[String]| {
-        env.sim
-            .refresh_log()
-            .iter()
-            .filter(|c| c.issued().is_some())
-            .filter(|c| !seeds.contains(c.old_token.as_ref().unwrap_or(&String::new())))
-            .count()
-    };
+    let mut chaos = Chaos::new(chaos_seed, seed);
     let started = Instant::now();
     // Only against a hang: progress is asserted by the chain itself.
     let hang_guard = started + Duration::from_secs(300);
 
-    while chain_refreshes(&seeds) < CHAIN_REFRESHES {
+    while chaos.chain_refreshes(&env) < CHAIN_REFRESHES {
         assert!(
             Instant::now() < hang_guard,
-            "only {} chain refreshes after {cycle} kill cycles",
-            chain_refreshes(&seeds)
+            "only {} chain refreshes after {} kill cycles",
+            chaos.chain_refreshes(&env),
+            chaos.cycle
         );
-        cycle += 1;
+        chaos.cycle += 1;
+        let cycle = chaos.cycle;
         let target_before = env.target_token(TARGET).await;
-        let position_before = chain_position(&target_before, &stale_target, &seed);
+        let position_before = chaos.position(&target_before);
         let requests_before = tap.requests();
-        if schedule.is_empty() {
-            // Every block of ten cycles has each kind of kill, in a seeded order.
-            schedule = [
-                [KillAt::Random; 6].as_slice(),
-                &[KillAt::AfterStore; 2],
-                &[KillAt::AfterReceipt, KillAt::MidCall],
-            ]
-            .concat();
-            for i in (1..schedule.len()).rev() {
-                schedule.swap(i, rng.below(i as u64 + 1) as usize);
-            }
-        }
-        let mode = schedule.pop().expect("a scheduled kill");
-        let delay = Duration::from_millis(rng.below(lifetime.as_millis() as u64));
+        let mode = chaos.next_kill();
+        let delay = Duration::from_millis(chaos.rng.below(lifetime.as_millis() as u64));
         if mode == KillAt::MidCall {
             // Shorter than the life a token has left when it is due (a third of 3 s): a
             // longer hold would let the presented token expire in the simulator.
@@ -207,13 +364,13 @@ async fn sigkill_at_random_moments_never_presents_a_revoked_token() {
             KillAt::Random => {
                 tokio::time::sleep(delay).await;
                 let target = env.target_token(TARGET).await;
-                let position = chain_position(&target, &stale_target, &seed);
+                let position = chaos.position(&target);
                 if env
                     .sim
                     .remaining_validity(&position)
                     .is_some_and(|left| left < guard)
                 {
-                    guarded += 1;
+                    chaos.guarded += 1;
                     wait_target_change(&env, TARGET, target.as_deref(), PATIENCE)
                         .await
                         .unwrap_or_else(|| {
@@ -235,77 +392,11 @@ async fn sigkill_at_random_moments_never_presents_a_revoked_token() {
         }
         op.kill().await;
         settle(&env, &tap, TARGET).await;
-        stats.entry(mode).or_default().0 += 1;
+        chaos.stats.entry(mode).or_default().0 += 1;
 
-        // Where does the chain stand now, and is that what the simulator thinks?
         let target = env.target_token(TARGET).await;
-        if target != stale_target {
-            stale_target = None;
-        }
-        let position = chain_position(&target, &stale_target, &seed);
-        let newest = env.sim.current_token(CONSUMER_KEY).expect("the app exists");
-        let uses = env.sim.revoked_uses();
-        for u in &uses[uses_seen..] {
-            match u.reason {
-                DeadReason::Revoked => panic!(
-                    "cycle {cycle} (kill {mode:?}): the operator presented a revoked token {} \
-                     on {:?} although the target held the newest token; the chain stood on {} \
-                     before this cycle\n{}",
-                    short(&u.token),
-                    u.endpoint,
-                    short(&position_before),
-                    op.logs()
-                ),
-                DeadReason::Expired => assert_eq!(
-                    u.token, position,
-                    "cycle {cycle}: an expired token other than the chain's was presented"
-                ),
-            }
-        }
-        uses_seen = uses.len();
-        let reseed = if position != newest {
-            // The simulator rotated past the stored token. The only legitimate way: the
-            // killed process made the call (received after it started), got or was about
-            // to get the new token, and died before the Secret write.
-            let log = env.sim.refresh_log();
-            let last = log.iter().rev().find(|c| c.issued().is_some());
-            let explained = last.is_some_and(|c| {
-                c.issued() == Some(newest.as_str())
-                    && c.old_token.as_deref() == Some(position.as_str())
-                    && c.at >= spawned
-            });
-            assert!(
-                explained,
-                "cycle {cycle} (kill {mode:?}): the target holds {} but the simulator's newest \
-                 token is {}, and that is not explained by a kill between issue and store \
-                 (last successful call: {:?})\n{}",
-                short(&position),
-                short(&newest),
-                last.map(|c| (c.at, c.old_token.as_deref().map(short))),
-                op.logs()
-            );
-            stats.entry(mode).or_default().1 += 1;
-            lost.push(format!(
-                "cycle {cycle} (kill {mode:?}): token {} was issued to the killed process and \
-                 never stored",
-                short(&newest)
-            ));
-            true
-        } else if !env.sim.is_valid(&position) {
-            // Not a chain break: the token ran out while the test kept killing.
-            starved.push(format!("cycle {cycle} (kill {mode:?})"));
-            true
-        } else {
-            false
-        };
-        if reseed {
-            // What a human does after such a loss: re-generate in the SDC UI and put the
-            // new seed in the credentials Secret. Done before the restart, so the next
-            // operator never holds a dead token.
-            seed = env.sim.regenerate(CONSUMER_KEY);
-            seeds.push(seed.clone());
-            env.put_credentials("creds", CONSUMER_KEY, &seed).await;
-            stale_target = target.clone();
+        if chaos.check_kill(&env, mode, spawned, &position_before, &target, &op) {
+            chaos.reseed(&env, target).await;
         }
     }
 
@@ -338,25 +429,7 @@ async fn sigkill_at_random_moments_never_presents_a_revoked_token() {
     );
     assert_no_token_refreshed_twice(&env);
 
-    eprintln!(
-        "chaos: seed {chaos_seed:#x}, {cycle} kill cycles in {:?}, {} chain refreshes, {} \
-         successful refreshes in all",
-        started.elapsed(),
-        chain_refreshes(&seeds),
-        env.sim.successful_refreshes()
-    );
-    for (mode, (kills, lost)) in &stats {
-        eprintln!("  kill {mode:?}: {kills} kills, {lost} between issue and store");
-    }
-    eprintln!("  random kills postponed until a refresh (token near expiry): {guarded}");
-    for l in &lost {
-        eprintln!("  chain lost (documented limitation, reseeded): {l}");
-    }
-    for s in &starved {
-        eprintln!("  WARNING token expired while the operator was being killed: {s}");
-    }
-    let expired = env.sim.revoked_uses().len();
-    eprintln!("  revoked uses: 0; expired tokens presented: {expired}");
+    chaos.report(&env, chaos_seed, started);
     env.finish().await;
 }
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 /// PATH")]` (the cfg comes from the build scripts, see testkit/build.rs) and call this
 /// first. Without kubectl such a test is ignored, and counted so in the summary; under
 /// `CI` it runs and fails here, so a CI job without kubectl cannot pass by skipping.
+#[track_caller]
 pub fn require_kubectl() {
     static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
     let check = CHECK.get_or_init(|| {

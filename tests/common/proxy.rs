@@ -71,7 +71,8 @@ impl CallTap {
 }
 
 /// Copies one connection both ways, counting request lines on the way in (before they
-/// are passed on, so the count is up before the simulator can answer).
+/// are passed on, so the count is up before the simulator can answer). Every request the
+/// tap counts reaches the simulator's handler.
 async fn relay(client: TcpStream, upstream: SocketAddr, seen: Arc<watch::Sender<usize>>) {
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;
@@ -103,7 +104,10 @@ async fn relay(client: TcpStream, upstream: SocketAddr, seen: Arc<watch::Sender<
                 break;
             }
         }
-        let _ = server_tx.shutdown().await;
+        // The client's end of stream is not passed on. The simulator's HTTP server drops a
+        // request whose connection is half-closed before the handler ran, so a request the
+        // tap counted could go unanswered when the operator dies right after sending it.
+        // Kept open, the connection ends when the answer cannot be delivered, or with the tap.
     };
     let outbound = async {
         let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;

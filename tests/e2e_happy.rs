@@ -1,10 +1,12 @@
 //! End to end: the happy path of the real binary, over several rotations.
 
-mod common;
+mod common {
+    pub mod harness;
+}
 
 use std::time::Duration;
 
-use common::{CONSUMER_KEY, Env};
+use common::harness::{CONSUMER_KEY, Env, PATIENCE};
 use testkit::scgsim::SimConfig;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +39,7 @@ async fn keeps_a_valid_token_in_the_target_across_rotations() {
     // Sample the target through at least 5 rotations: every token seen must be valid
     // at the moment it is read.
     let mut seen = vec![first];
-    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let deadline = std::time::Instant::now() + PATIENCE;
     while seen.len() <= 5 {
         assert!(
             std::time::Instant::now() < deadline,

@@ -8,11 +8,13 @@
 //! the Secret there is always a short window, and a consumer needs time to re-read the
 //! Secret anyway. The grace never extends a token past its expiry.
 
-mod common;
+mod common {
+    pub mod harness;
+}
 
 use std::time::{Duration, Instant};
 
-use common::{CONSUMER_KEY, CONSUMER_SECRET, Env, PATIENCE};
+use common::harness::{CONSUMER_KEY, CONSUMER_SECRET, Env, Operator, PATIENCE, descendants};
 use k8s_openapi::{
     ByteString,
     api::{core::v1::Secret, events::v1::Event},
@@ -26,7 +28,7 @@ use scg_token_operator::crd::{
     DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION,
     REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenSpec,
 };
-use testkit::scgsim::{Fault, Outcome, RefreshCall, SimConfig};
+use testkit::scgsim::{Fault, Outcome, SimConfig};
 
 /// Grace of a replaced token on the protected endpoint; see the module docs.
 const GRACE: Duration = Duration::from_secs(1);
@@ -51,20 +53,6 @@ async fn create_token(env: &Env, name: &str, spec: ScgTokenSpec) -> Result<ScgTo
     let mut obj = ScgToken::new(name, spec);
     obj.metadata.namespace = Some(env.namespace.clone());
     env.tokens().create(&PostParams::default(), &obj).await
-}
-
-/// The tokens of the chain that starts at `root`, in order (`root` first), as the
-/// simulator's refresh log tells.
-fn descendants(log: &[RefreshCall], root: &str) -> Vec<String> {
-    let mut chain = vec![root.to_string()];
-    while let Some(next) = log.iter().find_map(|c| {
-        (c.old_token.as_deref() == chain.last().map(String::as_str))
-            .then(|| c.issued())
-            .flatten()
-    }) {
-        chain.push(next.to_string());
-    }
-    chain
 }
 
 /// Whether an events.k8s.io/v1 Event of `type_` and `reason` about the ScgToken `name`
@@ -573,7 +561,7 @@ fn fail_secret_writes(env: &Env, times: u32) {
 
 /// Starts an operator on a 30 s chain and waits until it has settled on its first
 /// token: refreshes after that happen only when asked for (the next is due after 20 s).
-async fn settled_chain(env: &Env) -> (common::Operator, String) {
+async fn settled_chain(env: &Env) -> (Operator, String) {
     let seed = env.credentials("creds", CONSUMER_KEY).await;
     env.scgtoken("messaging", "creds", |_| {}).await;
     let op = env.operator(&[]);
@@ -779,15 +767,6 @@ async fn kubectl(env: &Env, args: &[&str], stdin: Option<&str>) -> String {
     stdout
 }
 
-fn kubectl_available() -> bool {
-    std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 fn example(file: &str) -> String {
     let path = format!("{}/examples/{file}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {path}: {e}"))
@@ -802,14 +781,9 @@ fn replaced(s: &str, from: &str, to: &str) -> String {
 /// Scenario 7: the README's flow with kubectl and the example manifests, pointed at the
 /// simulator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(kubectl), ignore = "needs kubectl on PATH")]
 async fn kubectl_drives_the_examples_end_to_end() {
-    if !kubectl_available() {
-        eprintln!(
-            "\n*** WARNING: kubectl not found: kubectl_drives_the_examples_end_to_end was \
-             NOT run. ***\n"
-        );
-        return;
-    }
+    testkit::require_kubectl();
     // Hour-long tokens and the example's 1h margin: the only refreshes in this test are
     // the seed's and the one asked for with the annotation.
     let env = Env::start(sim_config(3600)).await;

@@ -4,4 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+mod prereq;
 pub mod scgsim;
+
+pub use prereq::require_kubectl;

@@ -80,22 +80,6 @@ impl Kubectl {
     }
 }
 
-fn kubectl_available() -> bool {
-    match Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-    {
-        Ok(o) if o.status.success() => true,
-        _ => {
-            eprintln!(
-                "\n!!!!!!!!\n!!! kubectl is not on PATH: skipping the kubectl fidelity test\n!!!!!!!!\n"
-            );
-            false
-        }
-    }
-}
-
 fn write(dir: &Path, name: &str, content: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, content).expect("write file");
@@ -103,10 +87,9 @@ fn write(dir: &Path, name: &str, content: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(kubectl), ignore = "needs kubectl on PATH")]
 async fn kubectl_workflow() {
-    if !kubectl_available() {
-        return;
-    }
+    testkit::require_kubectl();
     let server = ApiServer::start().await.expect("start");
     let dir = server
         .kubeconfig_path()

@@ -1,65 +1,10 @@
-//! Fault injection and request counters.
+//! The public handles for fault injection and request counters.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::Shared;
-
-/// Internal fault configuration, cheap to check on every request.
-pub(crate) struct FaultState {
-    rules: Mutex<HashMap<(String, String), (u32, u16)>>,
-    has_rules: AtomicBool,
-    latency_us: AtomicU64,
-    outage: AtomicBool,
-    bookmark_ms: AtomicU64,
-}
-
-impl Default for FaultState {
-    fn default() -> Self {
-        FaultState {
-            rules: Mutex::new(HashMap::new()),
-            has_rules: AtomicBool::new(false),
-            latency_us: AtomicU64::new(0),
-            outage: AtomicBool::new(false),
-            bookmark_ms: AtomicU64::new(5000),
-        }
-    }
-}
-
-impl FaultState {
-    pub(crate) fn latency(&self) -> Duration {
-        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
-    }
-
-    pub(crate) fn outage(&self) -> bool {
-        self.outage.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn bookmark_interval(&self) -> Duration {
-        Duration::from_millis(self.bookmark_ms.load(Ordering::Relaxed).max(1))
-    }
-
-    /// Consumes one injected failure for (verb, resource), if any, returning its code.
-    pub(crate) fn take(&self, verb: &str, resource: &str) -> Option<u16> {
-        if !self.has_rules.load(Ordering::Relaxed) {
-            return None;
-        }
-        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (verb.to_string(), resource.to_string());
-        let (times, code) = rules.get_mut(&key)?;
-        let code = *code;
-        *times -= 1;
-        if *times == 0 {
-            rules.remove(&key);
-        }
-        if rules.is_empty() {
-            self.has_rules.store(false, Ordering::Relaxed);
-        }
-        Some(code)
-    }
-}
+use super::shared::Shared;
 
 /// Handle for injecting faults. Cheap to clone.
 #[derive(Clone)]
@@ -77,21 +22,12 @@ impl Faults {
     /// subresource, e.g. "scgtokens/status") answer a Status error with `code`.
     /// Replaces any earlier rule for the same verb and resource; `times == 0` clears it.
     pub fn fail_next(&self, verb: &str, resource: &str, times: u32, code: u16) {
-        let state = &self.shared.faults;
-        let mut rules = state.rules.lock().unwrap_or_else(|e| e.into_inner());
-        let key = (verb.to_string(), resource.to_string());
-        if times == 0 {
-            rules.remove(&key);
-        } else {
-            rules.insert(key, (times, code));
-        }
-        state.has_rules.store(!rules.is_empty(), Ordering::Relaxed);
+        self.shared.faults.fail_next(verb, resource, times, code);
     }
 
     /// Adds `latency` to every request (before it is processed).
     pub fn set_latency(&self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.shared.faults.latency_us.store(us, Ordering::Relaxed);
+        self.shared.faults.set_latency(latency);
     }
 
     /// Ends every open watch stream now (clients see the stream end and re-watch).
@@ -101,7 +37,7 @@ impl Faults {
 
     /// While `true`, every request answers 503 and open watches are closed.
     pub fn set_outage(&self, outage: bool) {
-        self.shared.faults.outage.store(outage, Ordering::Relaxed);
+        self.shared.faults.set_outage(outage);
         if outage {
             self.shared.close_watches();
         }
@@ -115,11 +51,7 @@ impl Faults {
 
     /// Interval between BOOKMARK events on watches that allow them (default 5 s).
     pub fn set_bookmark_interval(&self, interval: Duration) {
-        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
-        self.shared
-            .faults
-            .bookmark_ms
-            .store(ms.max(1), Ordering::Relaxed);
+        self.shared.faults.set_bookmark_interval(interval);
     }
 }
 

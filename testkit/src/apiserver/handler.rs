@@ -1,95 +1,27 @@
 //! Request routing and the resource verbs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::body::Body;
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::Method;
 use hyper::body::Incoming;
-use hyper::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use super::Shared;
 use super::managed::{self, Scope};
 use super::patch::{self, PatchKind};
+use super::request::{
+    Output, Query, content_type, delete_opts, dry_run, field_manager, object_body, output_format,
+    parse_query, qbool, selectors,
+};
 use super::resources::ResourceDef;
-use super::selector::{FieldSelector, LabelSelector};
-use super::store::{DeleteOpts, main_scope, scoped_update};
+use super::response::{
+    Resp, error_response, json_response, plain_ok, present, render_list, render_one,
+};
+use super::shared::Shared;
+use super::store::{main_scope, scoped_update};
 use super::util::{self, ApiError, ApiResult, meta_str};
-use super::{discovery, openapi, protobuf, table, watch};
-
-pub(crate) type Resp = hyper::Response<Body>;
-
-pub(crate) fn json_response(code: u16, v: &Value) -> Resp {
-    let body = serde_json::to_vec(v).unwrap_or_default();
-    hyper::Response::builder()
-        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .header("content-type", "application/json")
-        .header("cache-control", "no-cache, private")
-        .body(Body::from(body))
-        .unwrap_or_else(|_| hyper::Response::new(Body::empty()))
-}
-
-pub(crate) fn error_response(e: &ApiError) -> Resp {
-    json_response(e.code, &e.to_status())
-}
-
-/// How the client wants objects rendered (from the Accept header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Output {
-    Full,
-    Meta,
-    Table,
-}
-
-fn output_format(headers: &hyper::HeaderMap) -> ApiResult<Output> {
-    let Some(accept) = headers.get("accept").and_then(|v| v.to_str().ok()) else {
-        return Ok(Output::Full);
-    };
-    if accept.trim().is_empty() {
-        return Ok(Output::Full);
-    }
-    for media in accept.split(',') {
-        let mut parts = media.split(';').map(str::trim);
-        let base = parts.next().unwrap_or("");
-        if !matches!(base, "application/json" | "*/*" | "application/*") {
-            continue;
-        }
-        let params: HashMap<&str, &str> = parts.filter_map(|p| p.split_once('=')).collect();
-        match params.get("as").copied() {
-            None => return Ok(Output::Full),
-            Some("Table") if params.get("g").is_none_or(|g| *g == "meta.k8s.io") => {
-                return Ok(Output::Table);
-            }
-            Some("PartialObjectMetadata" | "PartialObjectMetadataList")
-                if params.get("g").is_none_or(|g| *g == "meta.k8s.io") =>
-            {
-                return Ok(Output::Meta);
-            }
-            Some(_) => continue,
-        }
-    }
-    Err(ApiError::new(
-        406,
-        "NotAcceptable",
-        format!(
-            "only the following media types are accepted: application/json (asked for {accept})"
-        ),
-    ))
-}
-
-pub(crate) type Query = HashMap<String, String>;
-
-fn parse_query(uri: &hyper::Uri) -> Query {
-    uri.query()
-        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
-        .unwrap_or_default()
-}
-
-fn qbool(q: &Query, k: &str) -> bool {
-    q.get(k).is_some_and(|v| v == "true" || v == "1")
-}
+use super::{discovery, openapi, watch};
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Resp {
     let latency = shared.faults.latency();
@@ -136,13 +68,7 @@ fn route(shared: &Arc<Shared>, parts: &http::request::Parts, body: &Bytes) -> Ap
             json!({"paths": ["/api", "/api/v1", "/apis", "/openapi/v3", "/version", "/healthz", "/livez", "/readyz"]})
         }
         ["version"] => discovery::version(),
-        ["healthz" | "livez" | "readyz", ..] => {
-            return Ok(hyper::Response::builder()
-                .status(200)
-                .header("content-type", "text/plain")
-                .body(Body::from("ok"))
-                .unwrap_or_else(|_| hyper::Response::new(Body::empty())));
-        }
+        ["healthz" | "livez" | "readyz", ..] => return Ok(plain_ok()),
         ["api"] => {
             output_format(&parts.headers)?;
             discovery::api_versions()
@@ -254,41 +180,6 @@ fn verb_of(method: &Method, t: &Target, q: &Query) -> ApiResult<&'static str> {
             ));
         }
     })
-}
-
-fn content_type(parts: &http::request::Parts) -> &str {
-    parts
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
-/// A create/update body: JSON, or protobuf for the kinds kubectl's typed clients send.
-fn object_body(parts: &http::request::Parts, body: &Bytes) -> ApiResult<Value> {
-    if content_type(parts).starts_with("application/vnd.kubernetes.protobuf") {
-        protobuf::decode(body)
-    } else {
-        patch::parse_body(body, false)
-    }
-}
-
-fn field_manager(parts: &http::request::Parts, q: &Query) -> String {
-    if let Some(m) = q.get("fieldManager").filter(|m| !m.is_empty()) {
-        return m.clone();
-    }
-    parts
-        .headers
-        .get("user-agent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ua| ua.split('/').next())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("unknown")
-        .to_string()
-}
-
-fn dry_run(q: &Query) -> bool {
-    q.get("dryRun").is_some_and(|v| v == "All")
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -419,39 +310,6 @@ fn resource_request(
     }
 }
 
-/// The object as served for `version`.
-pub(crate) fn present(res: &ResourceDef, version: &str, obj: &Value) -> Value {
-    let mut o = obj.clone();
-    if let Some(m) = o.as_object_mut() {
-        m.insert("apiVersion".into(), json!(res.api_version(version)));
-    }
-    o
-}
-
-pub(crate) fn to_partial(obj: &Value) -> Value {
-    json!({
-        "apiVersion": "meta.k8s.io/v1",
-        "kind": "PartialObjectMetadata",
-        "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
-    })
-}
-
-pub(crate) fn render_one(res: &ResourceDef, version: &str, obj: &Value, output: Output) -> Value {
-    match output {
-        Output::Full => present(res, version, obj),
-        Output::Meta => to_partial(obj),
-        Output::Table => table::table(res, version, std::slice::from_ref(obj), None, true),
-    }
-}
-
-pub(crate) fn selectors(q: &Query) -> ApiResult<(LabelSelector, FieldSelector)> {
-    let label = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
-    let field = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
-    Ok((label, field))
-}
-
 fn list(shared: &Arc<Shared>, t: &Target, q: &Query, output: Output) -> ApiResult<Resp> {
     let (label, field) = selectors(q)?;
     let limit: usize = match q.get("limit").filter(|s| !s.is_empty()) {
@@ -516,27 +374,8 @@ fn list(shared: &Arc<Shared>, t: &Target, q: &Query, output: Output) -> ApiResul
         meta["remainingItemCount"] = json!(remaining);
     }
     let objs: Vec<Value> = items.iter().map(|(_, o)| (*o).clone()).collect();
-    let v = match output {
-        Output::Full => json!({
-            "kind": res.list_kind,
-            "apiVersion": res.api_version(t.version),
-            "metadata": meta,
-            "items": objs.iter().map(|o| present(res, t.version, o)).collect::<Vec<_>>(),
-        }),
-        Output::Meta => json!({
-            "kind": "PartialObjectMetadataList",
-            "apiVersion": "meta.k8s.io/v1",
-            "metadata": meta,
-            "items": objs.iter().map(to_partial).collect::<Vec<_>>(),
-        }),
-        Output::Table => table::table(
-            res,
-            t.version,
-            &objs,
-            Some(meta),
-            q.get("includeObject").is_none_or(|v| v != "None"),
-        ),
-    };
+    let include_object = q.get("includeObject").is_none_or(|v| v != "None");
+    let v = render_list(res, t.version, &objs, meta, output, include_object);
     Ok(json_response(200, &v))
 }
 
@@ -641,11 +480,7 @@ fn patch_request(
 ) -> ApiResult<Resp> {
     let res = &t.res;
     let name = t.name.as_deref().unwrap_or("");
-    let ct = parts
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ct = content_type(parts);
     let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
         ApiError::new(
             415,
@@ -786,44 +621,4 @@ fn patch_request(
             &render_one(res, t.version, &obj, output),
         ))
     }
-}
-
-fn delete_opts(body: &Bytes, q: &Query) -> ApiResult<DeleteOpts> {
-    let mut opts = DeleteOpts {
-        dry_run: dry_run(q),
-        ..Default::default()
-    };
-    let mut policy = q.get("propagationPolicy").cloned();
-    if !body.is_empty() {
-        let b = patch::parse_body(body, false)?;
-        if let Some(p) = b.get("propagationPolicy").and_then(Value::as_str) {
-            policy = Some(p.to_string());
-        }
-        if b.get("orphanDependents").and_then(Value::as_bool) == Some(true) {
-            policy = Some("Orphan".into());
-        }
-        if let Some(pre) = b.get("preconditions") {
-            opts.uid = pre.get("uid").and_then(Value::as_str).map(str::to_string);
-            opts.resource_version = pre
-                .get("resourceVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-        }
-        if b.get("dryRun")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|v| v == "All"))
-        {
-            opts.dry_run = true;
-        }
-    }
-    match policy.as_deref() {
-        None | Some("" | "Background" | "Foreground") => {}
-        Some("Orphan") => opts.orphan = true,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "invalid propagationPolicy {other:?}"
-            )));
-        }
-    }
-    Ok(opts)
 }

@@ -88,8 +88,11 @@ mod managed;
 mod openapi;
 mod patch;
 mod protobuf;
+mod request;
 mod resources;
+mod response;
 mod selector;
+mod shared;
 mod store;
 mod table;
 mod util;
@@ -97,32 +100,14 @@ mod watch;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 pub use control::{Counters, Faults};
-
-/// State shared by every connection of one server.
-pub(crate) struct Shared {
-    pub(crate) store: Mutex<store::Store>,
-    pub(crate) faults: control::FaultState,
-    pub(crate) counters: Mutex<std::collections::BTreeMap<(String, String), u64>>,
-    /// Bumped to end every open watch stream.
-    pub(crate) watch_epoch: tokio::sync::watch::Sender<u64>,
-}
-
-impl Shared {
-    pub(crate) fn lock_store(&self) -> std::sync::MutexGuard<'_, store::Store> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn close_watches(&self) {
-        self.watch_epoch.send_modify(|e| *e += 1);
-    }
-}
+use shared::Shared;
 
 /// An in-memory Kubernetes API server. Dropping it stops the server and removes the
 /// temporary directory holding its kubeconfig.
@@ -137,13 +122,7 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts a server on `127.0.0.1` with a random port.
     pub async fn start() -> std::io::Result<ApiServer> {
-        let (tx, _rx) = tokio::sync::watch::channel(0u64);
-        let shared = Arc::new(Shared {
-            store: Mutex::new(store::Store::new()),
-            faults: control::FaultState::default(),
-            counters: Mutex::new(Default::default()),
-            watch_epoch: tx,
-        });
+        let shared = Arc::new(Shared::new());
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let dir = util::make_temp_dir()?;

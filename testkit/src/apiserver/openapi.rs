@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 
 use serde_json::{Map, Value, json};
 
-use super::handler::Query;
+use super::request::Query;
 use super::resources::ResourceDef;
 use super::store::Store;
 use super::util::{ApiError, ApiResult};

@@ -2,10 +2,9 @@
 
 use serde_json::{Value, json};
 
-use super::handler::to_partial;
 use super::jsonpath;
 use super::resources::{Column, ResourceDef};
-use super::util::age_of;
+use super::util::{age_of, to_partial};
 
 fn col(name: &str, type_: &str, json_path: &str) -> Column {
     Column {

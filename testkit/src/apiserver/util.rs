@@ -1,4 +1,4 @@
-//! Small helpers: errors as Kubernetes `Status`, time, ids, encodings.
+//! Small helpers: errors as Kubernetes `Status`, time, ids, encodings, metadata.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -334,4 +334,13 @@ pub(crate) fn meta_mut(obj: &mut Value) -> &mut serde_json::Map<String, Value> {
 
 pub(crate) fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
+}
+
+/// The `PartialObjectMetadata` view of an object (metadata only).
+pub(crate) fn to_partial(obj: &Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1",
+        "kind": "PartialObjectMetadata",
+        "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+    })
 }

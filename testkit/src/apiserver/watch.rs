@@ -10,12 +10,12 @@ use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 
-use super::Shared;
-use super::handler::{Output, Query, Resp, present, selectors, to_partial};
+use super::request::{Output, Query, selectors};
 use super::resources::ResourceDef;
+use super::response::{Resp, render_one};
 use super::selector::{FieldSelector, LabelSelector};
+use super::shared::Shared;
 use super::store::{Event, EventType, Store};
-use super::table;
 use super::util::ApiError;
 
 struct Filter {
@@ -33,17 +33,7 @@ impl Filter {
     }
 
     fn line(&self, etype: &str, obj: &Value) -> Bytes {
-        let object = match self.output {
-            Output::Full => present(&self.res, &self.version, obj),
-            Output::Meta => to_partial(obj),
-            Output::Table => table::table(
-                &self.res,
-                &self.version,
-                std::slice::from_ref(obj),
-                None,
-                true,
-            ),
-        };
+        let object = render_one(&self.res, &self.version, obj, self.output);
         let mut v =
             serde_json::to_vec(&json!({"type": etype, "object": object})).unwrap_or_default();
         v.push(b'\n');

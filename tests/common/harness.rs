@@ -16,7 +16,10 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Namespace, Secret},
+    api::{
+        coordination::v1::Lease,
+        core::v1::{Namespace, Secret},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -27,13 +30,21 @@ use kube::{
 use scg_token_operator::crd::{ScgToken, ScgTokenSpec};
 use testkit::{
     apiserver::ApiServer,
-    scgsim::{ScgSimulator, SimConfig},
+    scgsim::{RefreshCall, ScgSimulator, SimConfig},
 };
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// The consumer secret planted in every test; no log line may ever contain it.
 pub const CONSUMER_SECRET: &str = "e2e-planted-consumer-secret-3b9f";
 pub const CONSUMER_KEY: &str = "e2e-consumer-key";
+
+/// A consumer key the simulator does not know: its refreshes are rejected (401).
+pub const UNKNOWN_CONSUMER: &str = "e2e-unknown-consumer";
+/// The seed planted next to [`UNKNOWN_CONSUMER`]; it must not leak either.
+pub const UNKNOWN_SEED: &str = "e2e-made-up-seed-token-71c2";
+
+/// Name of the Lease (the operator's default `--lease-name`).
+pub const LEASE_NAME: &str = "scg-token-operator";
 
 /// Upper bound of any wait in these tests; generous for a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(60);
@@ -336,4 +347,77 @@ impl Operator {
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().clone()
     }
+}
+
+/// The first characters of a token, enough to tell tokens apart in a failure message.
+pub fn short(token: &str) -> String {
+    format!("{}…", token.chars().take(8).collect::<String>())
+}
+
+/// The token in a Secret given as stored JSON.
+pub fn token_in(obj: Option<&serde_json::Value>) -> Option<String> {
+    let secret: Secret = serde_json::from_value(obj?.clone()).ok()?;
+    String::from_utf8(secret.data?.get("accessToken")?.0.clone()).ok()
+}
+
+/// Waits until the target Secret `name` holds a token other than `from` and returns it;
+/// `None` after `timeout`. Against the in-memory server it wakes on the write itself.
+pub async fn wait_target_change(
+    env: &Env,
+    name: &str,
+    from: Option<&str>,
+    timeout: Duration,
+) -> Option<String> {
+    match &env.api {
+        Some(api) => {
+            let obj = api
+                .wait_for("", "secrets", &env.namespace, name, timeout, |o| {
+                    token_in(o).is_some_and(|t| Some(t.as_str()) != from)
+                })
+                .await?;
+            token_in(obj.as_ref())
+        }
+        None => {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(t) = env.target_token(name).await
+                    && Some(t.as_str()) != from
+                {
+                    return Some(t);
+                }
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The tokens of the chain that starts at `root`, in order (`root` first), as the
+/// simulator's refresh log tells.
+pub fn descendants(log: &[RefreshCall], root: &str) -> Vec<String> {
+    let mut chain = vec![root.to_string()];
+    while let Some(next) = log.iter().find_map(|c| {
+        (c.old_token.as_deref() == chain.last().map(String::as_str))
+            .then(|| c.issued())
+            .flatten()
+    }) {
+        chain.push(next.to_string());
+    }
+    chain
+}
+
+/// The holder of the leader Lease, if anyone holds it.
+pub async fn lease_holder(env: &Env) -> Option<String> {
+    lease(env)
+        .await?
+        .spec?
+        .holder_identity
+        .filter(|h| !h.is_empty())
+}
+
+pub async fn lease(env: &Env) -> Option<Lease> {
+    let api: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
+    api.get_opt(LEASE_NAME).await.ok()?
 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod chain;
+pub mod consumers;
 pub mod crd;
 pub mod leader;
 pub mod policy;

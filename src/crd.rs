@@ -23,8 +23,8 @@ pub const REFRESH_REQUEST_ANNOTATION: &str = "scgtoken.io/refresh-requested-at";
 /// Label on a token agent's report Lease naming the `ScgToken` (in the Lease's namespace)
 /// whose token the agent serves. The operator selects reports by it.
 pub const AGENT_SCGTOKEN_LABEL: &str = "scgtoken.io/scgtoken";
-/// Label on a token agent's report Lease naming the Secret the agent watches.
-pub const AGENT_SECRET_LABEL: &str = "scgtoken.io/secret";
+/// Annotation on a token agent's report Lease naming the Secret the agent watches.
+pub const AGENT_SECRET_ANNOTATION: &str = "scgtoken.io/secret";
 /// Annotation on a report Lease: the salted fingerprint of the token the pod serves, the
 /// same value as `status.tokenFingerprint` once the pod is current. Absent while the agent
 /// serves nothing.

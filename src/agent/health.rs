@@ -25,6 +25,11 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
 /// Every metric of the agent, under the `scgtoken_agent` prefix.
 pub struct Metrics {
     /// 1 for the fingerprint served.
@@ -33,7 +38,7 @@ pub struct Metrics {
     pub token_expiry: Gauge<f64, AtomicU64>,
     pub ready: Gauge,
     pub updates: Counter,
-    pub refused: Family<ResultLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
     pub file_write_failures: Counter,
     pub proxy_requests: Family<ResultLabels, Counter>,
     pub proxy_retries: Family<ResultLabels, Counter>,
@@ -128,9 +133,7 @@ impl Metrics {
     }
 
     pub(crate) fn refused(&self, reason: &'static str) {
-        self.refused
-            .get_or_create(&ResultLabels { result: reason })
-            .inc();
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     pub(crate) fn file_write_failed(&self) {

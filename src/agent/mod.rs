@@ -340,7 +340,10 @@ pub(crate) fn serve(
         });
         return;
     }
-    info!(fingerprint = %token.fingerprint, expires_at = ?token.expires_at.map(|t| t.to_string()), "serving a new token");
+    let expires_at = token
+        .expires_at
+        .map_or_else(|| "unknown".to_string(), |t| t.to_string());
+    info!(fingerprint = %token.fingerprint, %expires_at, "serving the token");
     metrics.switched(previous.as_deref(), &token.fingerprint);
     served.send_replace(Some(Served { token, since }));
 }

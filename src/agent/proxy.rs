@@ -163,6 +163,8 @@ enum Outcome {
     Unauthorized,
     NoToken,
     TooLarge,
+    /// The upstream announced a body over the limit.
+    ResponseTooLarge,
     BadRequest,
     Timeout,
     UpstreamError,
@@ -175,6 +177,7 @@ impl Outcome {
             Outcome::Unauthorized => "unauthorized",
             Outcome::NoToken => "no_token",
             Outcome::TooLarge => "too_large",
+            Outcome::ResponseTooLarge => "response_too_large",
             Outcome::BadRequest => "bad_request",
             Outcome::Timeout => "timeout",
             Outcome::UpstreamError => "upstream_error",
@@ -195,6 +198,7 @@ impl Outcome {
         match self {
             Outcome::NoToken => "scg-token-agent: no unexpired token to send yet\n",
             Outcome::TooLarge => "scg-token-agent: body too large\n",
+            Outcome::ResponseTooLarge => "scg-token-agent: the upstream's answer is too large\n",
             Outcome::BadRequest => "scg-token-agent: the request body could not be read\n",
             Outcome::Timeout => "scg-token-agent: the upstream did not answer in time\n",
             _ => "scg-token-agent: the upstream could not be reached\n",
@@ -325,6 +329,12 @@ async fn forward(
                 }
             },
         };
+    }
+    if resp
+        .content_length()
+        .is_some_and(|n| n > shared.config.max_body as u64)
+    {
+        return Err(Outcome::ResponseTooLarge);
     }
     let outcome = if resp.status() == StatusCode::UNAUTHORIZED {
         Outcome::Unauthorized

@@ -6,14 +6,18 @@
 //! `resourceNames`). The watcher relists after a dropped watch or a 410 Gone, and backs
 //! off while the API server is unreachable.
 
-use std::sync::Arc;
+use std::{
+    hash::{BuildHasher, Hasher},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
-    runtime::{WatchStreamExt, watcher},
+    runtime::{WatchStreamExt, utils::Backoff, watcher},
 };
 use tokio::sync::watch as channel;
 use tracing::{debug, info, warn};
@@ -129,7 +133,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let config = watcher::Config::default().fields(&format!("metadata.name={}", source.name));
-    let stream = watcher(api, config).default_backoff();
+    let stream = watcher(api, config).backoff(WatchBackoff::default());
     futures::pin_mut!(stream);
     let mut listed = false;
     let mut last_refusal: Option<(Option<String>, Refusal)> = None;
@@ -198,6 +202,44 @@ fn check_annotation(secret: &Secret, token: &Token) {
     }
 }
 
+/// Back-off between watch attempts: from 100 ms (a 410 Gone or a dropped watch costs a
+/// relist, not seconds of a stale token) doubling to 30 s while the API server stays
+/// away, with jitter so that the agents of many pods do not come back all at once.
+/// Reset by the first event that arrives.
+#[derive(Debug, Clone)]
+struct WatchBackoff {
+    next: Duration,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        // Between half and all of the base delay.
+        let mut h = std::hash::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let fraction = 0.5 + (h.finish() % 1000) as f64 / 2000.0;
+        Some(base.mul_f64(fraction))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
 /// A watcher error in the agent's own words: API codes and reasons, never messages.
 fn describe(e: &watcher::Error) -> String {
     match e {
@@ -253,6 +295,21 @@ mod tests {
 
     fn now() -> Timestamp {
         "2030-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn backoff_starts_short_grows_to_a_cap_and_resets() {
+        let mut b = WatchBackoff::default();
+        let first = b.next().unwrap();
+        assert!(
+            first >= BACKOFF_MIN / 2 && first <= BACKOFF_MIN,
+            "{first:?}"
+        );
+        let later: Vec<Duration> = (&mut b).take(20).collect();
+        assert!(later.iter().all(|d| *d <= BACKOFF_MAX));
+        assert!(*later.last().unwrap() >= BACKOFF_MAX / 2);
+        b.reset();
+        assert!(b.next().unwrap() <= BACKOFF_MIN);
     }
 
     #[test]

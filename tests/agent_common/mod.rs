@@ -100,8 +100,13 @@ pub struct Agent {
 
 impl Agent {
     /// Starts `scg-token-operator agent` for the target Secret with `extra` flags, as pod
-    /// `pod`.
+    /// `pod` in [`NAMESPACE`].
     pub fn spawn(kubeconfig: &Path, pod: &str, extra: &[String]) -> Agent {
+        Agent::spawn_in(kubeconfig, NAMESPACE, pod, extra)
+    }
+
+    /// Like [`Agent::spawn`], in `namespace`.
+    pub fn spawn_in(kubeconfig: &Path, namespace: &str, pod: &str, extra: &[String]) -> Agent {
         let mut args: Vec<String> = [
             "agent",
             "--secret",
@@ -118,7 +123,7 @@ impl Agent {
             .env("KUBECONFIG", kubeconfig)
             .env("NO_COLOR", "1")
             .env("POD_NAME", pod)
-            .env("POD_NAMESPACE", NAMESPACE)
+            .env("POD_NAMESPACE", namespace)
             .env("POD_UID", format!("uid-{pod}"))
             .env_remove("RUST_LOG")
             .env_remove("HTTP_PROXY")

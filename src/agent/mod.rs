@@ -148,8 +148,9 @@ pub struct Args {
     #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
     /// Name of the ScgToken, for the report's label (default: the Secret's owner
-    /// annotation, else the Secret's name).
-    #[arg(long)]
+    /// annotation, else the Secret's name). Given, the pod reports from its start, also
+    /// while it serves nothing yet.
+    #[arg(long, env = "SCG_AGENT_SCGTOKEN")]
     pub scgtoken: Option<String>,
     /// How long a heartbeat counts; renewed every third of it.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(3..=3600))]

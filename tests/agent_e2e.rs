@@ -716,3 +716,68 @@ async fn a_frozen_agent_turns_stale_then_current_again_and_a_dead_one_drops_out(
     .await;
     assert_no_leak("agent logs", &(a.logs() + &b.logs()), &tokens);
 }
+
+/// Resident memory of a process in KiB, from /proc.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Figures, not assertions on time: the proxy's cost per request against a local
+/// upstream (the same requests sent directly and through the agent), and the agent's
+/// memory after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn figures_proxy_overhead_and_agent_memory() {
+    let api = ApiServer::start().await.expect("API server");
+    let secrets: Api<Secret> = Api::namespaced(api.client(), NAMESPACE);
+    let token = new_token(0);
+    put_token(&secrets, &token, HOUR).await;
+    let (base, _) = upstream().await;
+    let agent = Agent::spawn(api.kubeconfig_path(), "client-0", &proxy_args(&base, &[]));
+    let (admin, proxy) = (agent.addr("admin server").await, agent.addr("proxy").await);
+    wait_ready(admin, 200).await;
+    let client = http();
+    let measure = |url: String| {
+        let client = client.clone();
+        async move {
+            let mut times = Vec::new();
+            for _ in 0..400 {
+                let start = Instant::now();
+                let resp = client.post(&url).body("{}").send().await.expect("request");
+                assert_eq!(resp.status(), 200);
+                resp.bytes().await.expect("body");
+                times.push(start.elapsed());
+            }
+            times.sort();
+            times
+        }
+    };
+    // Warm both paths (connections, allocations) before measuring.
+    measure(format!("http://{proxy}/echo")).await;
+    let direct = measure(format!("{base}/echo")).await;
+    let proxied = measure(format!("http://{proxy}/echo")).await;
+    let rss = rss_kib(agent.pid());
+    eprintln!(
+        "FIGURE agent proxy ({} build), {} requests each: direct p50 {:?} p99 {:?}; through the agent p50 {:?} p99 {:?}; overhead p50 {:?}; agent RSS {} KiB",
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        direct.len(),
+        percentile(&direct, 0.5),
+        percentile(&direct, 0.99),
+        percentile(&proxied, 0.5),
+        percentile(&proxied, 0.99),
+        percentile(&proxied, 0.5).saturating_sub(percentile(&direct, 0.5)),
+        rss.map_or_else(|| "unknown".into(), |k| k.to_string()),
+    );
+    assert_no_leak("agent logs", &agent.logs(), &[token]);
+}

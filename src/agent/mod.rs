@@ -198,9 +198,6 @@ pub async fn run(
         .clone()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| client.default_namespace().to_string());
-    let mut registry = Registry::default();
-    let metrics = Arc::new(health::Metrics::register(&mut registry));
-
     // Everything that can be refused is checked before anything starts.
     let writer = match &args.dir {
         Some(dir) => Some(files::Publisher::new(dir.clone(), &args)?),
@@ -210,7 +207,8 @@ pub async fn run(
         Some(upstream) => Some(proxy::Config::new(upstream, &args)?),
         None => None,
     };
-
+    let mut registry = Registry::default();
+    let metrics = Arc::new(health::Metrics::register(&mut registry));
     let (stop_tx, stop_rx) = channel::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -220,26 +218,7 @@ pub async fn run(
     };
     let (candidate_tx, candidate_rx) = channel::channel(None);
     let (served_tx, served_rx) = channel::channel(None);
-
-    let admin = tokio::net::TcpListener::bind(args.admin_addr).await?;
-    info!(addr = %admin.local_addr()?, "admin server listening");
-    let health_state = health::State::new(registry, served_rx.clone(), metrics.clone());
-    let admin_task = tokio::spawn(health::serve(admin, health_state, stopped()));
-
-    let proxy_task = match proxy {
-        Some(config) => {
-            let listener = tokio::net::TcpListener::bind(config.listen).await?;
-            info!(addr = %listener.local_addr()?, "proxy listening");
-            Some(tokio::spawn(proxy::serve(
-                listener,
-                config,
-                served_rx.clone(),
-                metrics.clone(),
-                stopped(),
-            )))
-        }
-        None => None,
-    };
+    let mut servers = serve_http(&args, registry, proxy, &served_rx, &metrics, &stopped).await?;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let source = watch::Source {
@@ -249,31 +228,53 @@ pub async fn run(
     };
     let watch_task = tokio::spawn(watch::run(secrets, source, candidate_tx, metrics.clone()));
     let publish_task = tokio::spawn(publish(writer, candidate_rx, served_tx, metrics.clone()));
-
-    let report_task = report_config(&args, &namespace).map(|config| {
-        tokio::spawn(report::run(
-            client,
-            config,
-            served_rx.clone(),
-            metrics.clone(),
-            stopped(),
-        ))
-    });
+    if let Some(config) = report_config(&args, &namespace) {
+        let report = report::run(client, config, served_rx, metrics, stopped());
+        servers.push(tokio::spawn(async move {
+            report.await;
+            Ok(())
+        }));
+    }
 
     shutdown.await;
     info!("shutting down");
     stop_tx.send_replace(true);
     watch_task.abort();
     publish_task.abort();
-    if let Some(task) = report_task {
+    for task in servers {
         let _ = task.await;
     }
-    if let Some(task) = proxy_task {
-        let _ = task.await;
-    }
-    let _ = admin_task.await;
     info!("stopped");
     Ok(())
+}
+
+/// Starts the admin server and, if configured, the proxy; both stop with `stopped()`.
+async fn serve_http<F, Fut>(
+    args: &Args,
+    registry: Registry,
+    proxy: Option<proxy::Config>,
+    served: &ServedRx,
+    metrics: &Arc<health::Metrics>,
+    stopped: &F,
+) -> Result<Vec<tokio::task::JoinHandle<std::io::Result<()>>>, AgentError>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let admin = tokio::net::TcpListener::bind(args.admin_addr).await?;
+    info!(addr = %admin.local_addr()?, "admin server listening");
+    let state = health::State::new(registry, served.clone(), metrics.clone());
+    let mut tasks = vec![tokio::spawn(health::serve(admin, state, stopped()))];
+    if let Some(config) = proxy {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        info!(addr = %listener.local_addr()?, "proxy listening");
+        let serve = proxy::serve(listener, config, served.clone(), metrics.clone(), stopped());
+        tasks.push(tokio::spawn(async move {
+            serve.await;
+            Ok(())
+        }));
+    }
+    Ok(tasks)
 }
 
 fn report_config(args: &Args, namespace: &str) -> Option<report::Config> {

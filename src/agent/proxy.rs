@@ -253,87 +253,75 @@ async fn newer_token(shared: &Shared, sent: &str) -> Option<Arc<Token>> {
     served.as_ref().map(|s| s.token.clone())
 }
 
+/// A request on its way upstream, sendable more than once.
+struct Outgoing {
+    method: http::Method,
+    url: reqwest::Url,
+    headers: HeaderMap,
+}
+
+impl Outgoing {
+    async fn send(
+        &self,
+        shared: &Shared,
+        token: &Token,
+        body: reqwest::Body,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let mut headers = self.headers.clone();
+        // Served tokens are visible ASCII (checked when read), always a valid header value.
+        if let Ok(mut auth) = HeaderValue::from_str(&format!("Bearer {}", token.value.expose())) {
+            auth.set_sensitive(true);
+            headers.insert(AUTHORIZATION, auth);
+        }
+        shared
+            .config
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(headers)
+            .body(body)
+            .send()
+            .await
+    }
+}
+
 async fn forward(
     shared: &Shared,
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, Outcome), Outcome> {
     let token = current_token(shared).await.ok_or(Outcome::NoToken)?;
     let (parts, body) = req.into_parts();
-    let url = target(&shared.config.upstream, &parts.uri);
+    let max = shared.config.max_body;
     let declared = parts
         .headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > shared.config.max_body) {
+    if declared.is_some_and(|n| n > max) {
         return Err(Outcome::TooLarge);
     }
     let prepared = tokio::time::timeout(
         shared.config.timeout,
-        prepare(
-            body,
-            declared,
-            shared.config.retry_buffer,
-            shared.config.max_body,
-        ),
+        prepare(body, declared, shared.config.retry_buffer, max),
     )
     .await
     .map_err(|_| Outcome::Timeout)??;
-    let replayable = matches!(prepared, Prepared::Buffered(_));
-    let mut headers = forwarded_headers(&parts.headers);
-    if replayable {
-        // The client computes it from the buffered body.
-        headers.remove(CONTENT_LENGTH);
-    }
-    let send = |token: &Token, body: reqwest::Body| {
-        let mut headers = headers.clone();
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", token.value.expose()))
-            .map_err(|_| Outcome::UpstreamError)?;
-        auth.set_sensitive(true);
-        headers.insert(AUTHORIZATION, auth);
-        Ok::<_, Outcome>(
-            shared
-                .config
-                .client
-                .request(parts.method.clone(), url.clone())
-                .headers(headers)
-                .body(body)
-                .send(),
-        )
+    let mut out = Outgoing {
+        url: target(&shared.config.upstream, &parts.uri),
+        headers: forwarded_headers(&parts.headers),
+        method: parts.method,
     };
-    let (first_body, retry_body) = match prepared {
-        Prepared::Buffered(bytes) => (reqwest::Body::from(bytes.clone()), Some(bytes)),
+    let (first, replay) = match prepared {
+        Prepared::Buffered(bytes) => {
+            // The client computes it from the buffered body.
+            out.headers.remove(CONTENT_LENGTH);
+            (reqwest::Body::from(bytes.clone()), Some(bytes))
+        }
         Prepared::Streaming(body) => (body, None),
     };
-    let mut resp = send(&token, first_body)?.await.map_err(classify)?;
+    let mut resp = out.send(shared, &token, first).await.map_err(classify)?;
     if resp.status() == StatusCode::UNAUTHORIZED {
-        resp = match retry_body {
-            None => {
-                shared.metrics.retried("not_replayable");
-                resp
-            }
-            Some(bytes) => match newer_token(shared, &token.fingerprint).await {
-                None => {
-                    shared.metrics.retried("no_newer_token");
-                    resp
-                }
-                Some(newer) => {
-                    drop(resp);
-                    let retried = send(&newer, reqwest::Body::from(bytes))?.await;
-                    let result = match &retried {
-                        Ok(r) if r.status() == StatusCode::UNAUTHORIZED => "unauthorized",
-                        Ok(_) => "ok",
-                        Err(_) => "error",
-                    };
-                    shared.metrics.retried(result);
-                    retried.map_err(classify)?
-                }
-            },
-        };
+        resp = retry(shared, &out, resp, &token, replay).await?;
     }
-    if resp
-        .content_length()
-        .is_some_and(|n| n > shared.config.max_body as u64)
-    {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
         return Err(Outcome::ResponseTooLarge);
     }
     let outcome = if resp.status() == StatusCode::UNAUTHORIZED {
@@ -341,7 +329,36 @@ async fn forward(
     } else {
         Outcome::Ok
     };
-    Ok((response(resp, shared.config.max_body), outcome))
+    Ok((response(resp, max), outcome))
+}
+
+/// After a 401 with `sent`: the answer to the same request sent once more with a newer
+/// token, if the body can be replayed and a newer token comes within the bound; else the
+/// 401 itself.
+async fn retry(
+    shared: &Shared,
+    out: &Outgoing,
+    unauthorized: reqwest::Response,
+    sent: &Token,
+    replay: Option<Bytes>,
+) -> Result<reqwest::Response, Outcome> {
+    let Some(bytes) = replay else {
+        shared.metrics.retried("not_replayable");
+        return Ok(unauthorized);
+    };
+    let Some(newer) = newer_token(shared, &sent.fingerprint).await else {
+        shared.metrics.retried("no_newer_token");
+        return Ok(unauthorized);
+    };
+    drop(unauthorized);
+    let retried = out.send(shared, &newer, reqwest::Body::from(bytes)).await;
+    let result = match &retried {
+        Ok(r) if r.status() == StatusCode::UNAUTHORIZED => "unauthorized",
+        Ok(_) => "ok",
+        Err(_) => "error",
+    };
+    shared.metrics.retried(result);
+    retried.map_err(classify)
 }
 
 /// The upstream URL for a request: the upstream base's path joined with the request's

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,31 @@ pub const OWNER_ANNOTATION: &str = "scgtoken.io/owner";
 /// Annotation on an `ScgToken` asking for one immediate refresh. Any new value triggers
 /// one refresh: `kubectl annotate scgtoken NAME scgtoken.io/refresh-requested-at="$(date -u +%FT%TZ)" --overwrite`.
 pub const REFRESH_REQUEST_ANNOTATION: &str = "scgtoken.io/refresh-requested-at";
+
+/// Label on a token agent's report Lease naming the `ScgToken` (in the Lease's namespace)
+/// whose token the agent serves. The operator selects reports by it.
+pub const AGENT_SCGTOKEN_LABEL: &str = "scgtoken.io/scgtoken";
+/// Annotation on a token agent's report Lease naming the Secret the agent watches.
+pub const AGENT_SECRET_ANNOTATION: &str = "scgtoken.io/secret";
+/// Annotation on a report Lease: the salted fingerprint of the token the pod serves, the
+/// same value as `status.tokenFingerprint` once the pod is current. Absent while the agent
+/// serves nothing.
+pub const SERVED_FINGERPRINT_ANNOTATION: &str = "scgtoken.io/served-fingerprint";
+/// Annotation on a report Lease: when (RFC 3339) the pod started serving that token.
+pub const SERVED_SINCE_ANNOTATION: &str = "scgtoken.io/served-since";
+/// Annotation on a report Lease: how the agent serves the token (`file`, `proxy`,
+/// `file+proxy`).
+pub const AGENT_MODE_ANNOTATION: &str = "scgtoken.io/agent-mode";
+/// Annotation the operator sets on pods matched by `spec.consumers.podSelector`: the
+/// fingerprint of the token they were nudged for. Changing it makes the kubelet sync the
+/// pod, and with it its Secret volumes, at once.
+pub const NUDGED_FOR_ANNOTATION: &str = "scgtoken.io/nudged-for";
+/// Pod-template annotation the operator sets on rollout-restart targets: the fingerprint
+/// of the token the restart was for. Changing the template rolls the workload.
+pub const RESTARTED_FOR_ANNOTATION: &str = "scgtoken.io/restarted-for";
+/// Pod-template annotation set with [`RESTARTED_FOR_ANNOTATION`]: when (RFC 3339) the
+/// restart was asked for. Used to debounce restarts.
+pub const RESTARTED_AT_ANNOTATION: &str = "scgtoken.io/restarted-at";
 
 /// Go-style duration as the API server's CEL `duration()` accepts it, restricted to whole
 /// hours, minutes and seconds ("90s", "12h", "1h30m").
@@ -40,6 +65,7 @@ const DURATION_PATTERN: &str = "^([0-9]+(h|m|s))+$";
     derive = "PartialEq",
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Consumers","type":"string","jsonPath":".status.consumers.summary","description":"Pods serving the current token, of those reporting"}"#,
     printcolumn = r#"{"name":"Expires","type":"string","jsonPath":".status.expiresAt"}"#,
     printcolumn = r#"{"name":"Next Refresh","type":"string","jsonPath":".status.nextRefreshAt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
@@ -66,8 +92,9 @@ pub struct ScgTokenSpec {
     /// How long before expiry to refresh, e.g. `10m`. Must be shorter than `validity`;
     /// excludes `refreshBeforePercentage`. When the API returns a lifetime shorter than
     /// this margin, the operator refreshes after a tenth of the lifetime instead, so a
-    /// short lifetime never causes a refresh loop. Leave room for kubelet, which can take
-    /// more than a minute to update a mounted Secret. Unset by default.
+    /// short lifetime never causes a refresh loop. Pods that read a mounted Secret volume
+    /// need room for the kubelet, which takes 60-90 s to update it; pods served by the
+    /// token agent switch within a second. Unset by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]
     pub refresh_before: Option<String>,
@@ -107,6 +134,77 @@ pub struct ScgTokenSpec {
     /// which expires as usual. Default `false`.
     #[serde(default)]
     pub suspend: bool,
+
+    /// The workloads that use the token: whether to watch that they switch to each new
+    /// token, and how to make those that cannot notice by themselves switch. Unset by
+    /// default: the operator only writes the target Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<ConsumersSpec>,
+}
+
+/// The consumers of the token and how they are kept current.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumersSpec {
+    /// Aggregate the reports of token agents (`scg-token-operator agent` sidecars) into
+    /// `status.consumers` and the `ConsumersUpToDate` condition. Each agent reports, in a
+    /// Lease of its own labelled `scgtoken.io/scgtoken: <this ScgToken's name>` in this
+    /// namespace, the fingerprint of the token its pod serves. An agent whose Lease is not
+    /// renewed drops out. Default `false`.
+    #[serde(default)]
+    pub agents: bool,
+
+    /// How long after a new token was stored a reporting pod may still serve the previous
+    /// one before it counts as stale, e.g. `10s`. A stale pod sets `ConsumersUpToDate` to
+    /// `False` with its name. A Go duration of whole hours, minutes and seconds; default
+    /// `10s`; between `1s` and `10m`.
+    #[serde(default = "default_stale_after")]
+    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')").message("staleAfter must be between 1s and 10m"))]
+    pub stale_after: String,
+
+    /// Pods in this namespace that mount the target Secret as a plain volume, without an
+    /// agent, e.g. `{matchLabels: {app: messaging-client}}`. After each new token the
+    /// operator sets the annotation `scgtoken.io/nudged-for` on every matching pod, which
+    /// makes the kubelet update the pod's Secret volumes within seconds instead of on its
+    /// next periodic sync (up to about 90 s). Needs the operator's optional pods
+    /// list/watch/patch permission (`deploy/components/consumer-nudge`). An empty selector
+    /// (matching every pod) is refused. Unset by default: no pod is touched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("podSelector must not be empty: it would match every pod in the namespace"))]
+    pub pod_selector: Option<LabelSelector>,
+
+    /// Workloads in this namespace that read the token from an environment variable,
+    /// which never changes in a running container. After each new token the operator
+    /// restarts them the way `kubectl rollout restart` does (a pod-template annotation),
+    /// at most once per token and at most once every 2 minutes per workload. Refused, with
+    /// the `ConsumersUpToDate` condition saying why, when tokens live less than 10 minutes
+    /// or are refreshed more often than every 5 minutes: the workload would be rolling all
+    /// the time, and its pods would hold a dead token for the length of every rollout.
+    /// Needs the optional permission in `deploy/components/rollout-restart`. At most 20.
+    /// Empty by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub rollout_restart_targets: Vec<RolloutRestartTarget>,
+}
+
+/// A workload to restart after each new token.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutRestartTarget {
+    /// Kind of the workload: `Deployment`, `StatefulSet` or `DaemonSet` (group `apps`).
+    pub kind: RestartKind,
+    /// Name of the workload, in the ScgToken's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Kinds of workload that can be rollout-restarted.
+#[derive(schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RestartKind {
+    Deployment,
+    StatefulSet,
+    DaemonSet,
 }
 
 /// Where the credentials are: a Secret in the ScgToken's namespace and its keys.
@@ -236,6 +334,34 @@ pub struct ScgTokenStatus {
     /// acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_request: Option<String>,
+    /// Which reporting pods serve the current token. Set only with
+    /// `spec.consumers.agents`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumers: Option<ConsumersStatus>,
+}
+
+/// What the token agents report, aggregated.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumersStatus {
+    /// `current/total`, e.g. `3/3`: the `CONSUMERS` column of `kubectl get scgtokens`.
+    pub summary: String,
+    /// Pods whose agent reported within its Lease duration.
+    pub total: u32,
+    /// Of those, pods serving the current token (the fingerprint in `tokenFingerprint`).
+    pub current: u32,
+    /// Of those, pods still serving another token (or none) longer than
+    /// `spec.consumers.staleAfter` after the current one was stored. Pods still within
+    /// that grace count neither as current nor as stale.
+    pub stale: u32,
+    /// Names of the stale pods, sorted, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stale_pods: Vec<String>,
+    /// Seconds from storing the current token to the last reporting pod serving it,
+    /// counting only pods that were running when it was stored. Unset until one has
+    /// switched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slowest_switch_seconds: Option<f64>,
 }
 
 fn default_validity() -> String {
@@ -245,6 +371,9 @@ fn default_endpoint() -> String {
     "https://api.syniverse.com/apptoken-refresh".into()
 }
 fn default_timeout() -> String {
+    "10s".into()
+}
+fn default_stale_after() -> String {
     "10s".into()
 }
 fn default_consumer_key_key() -> String {
@@ -282,6 +411,17 @@ impl Default for TargetSpec {
     }
 }
 
+impl Default for ConsumersSpec {
+    fn default() -> Self {
+        ConsumersSpec {
+            agents: false,
+            stale_after: default_stale_after(),
+            pod_selector: None,
+            rollout_restart_targets: Vec::new(),
+        }
+    }
+}
+
 impl ScgTokenSpec {
     /// A spec with every default and the given credentials Secret.
     pub fn new(credentials_secret: &str) -> Self {
@@ -298,6 +438,7 @@ impl ScgTokenSpec {
             timeout: default_timeout(),
             target: TargetSpec::default(),
             suspend: false,
+            consumers: None,
         }
     }
 }
@@ -344,6 +485,27 @@ mod tests {
     }
 
     #[test]
+    fn consumers_default_to_off_and_fill_a_minimal_block() {
+        assert_eq!(ScgTokenSpec::new("c").consumers, None);
+        let spec: ScgTokenSpec = serde_json::from_value(serde_json::json!({
+            "credentialsSecretRef": {"name": "c"},
+            "consumers": {"rolloutRestartTargets": [{"kind": "StatefulSet", "name": "db"}]}
+        }))
+        .unwrap();
+        let c = spec.consumers.unwrap();
+        assert!(!c.agents);
+        assert_eq!(c.stale_after, "10s");
+        assert_eq!(c.pod_selector, None);
+        assert_eq!(
+            c.rollout_restart_targets,
+            [RolloutRestartTarget {
+                kind: RestartKind::StatefulSet,
+                name: "db".into()
+            }]
+        );
+    }
+
+    #[test]
     fn target_name_defaults_to_the_scgtoken_name() {
         let mut t = ScgToken::new("messaging", ScgTokenSpec::new("c"));
         assert_eq!(t.target_name(), "messaging");
@@ -371,6 +533,9 @@ mod tests {
             "maximum: 90",
             "shortNames",
             "Next Refresh",
+            "Consumers",
+            "staleAfter must be between 1s and 10m",
+            "podSelector must not be empty",
         ] {
             assert!(yaml.contains(needle), "CRD lacks {needle}");
         }

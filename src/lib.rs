@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod agent;
 pub mod chain;
+pub mod consumers;
 pub mod crd;
 pub mod k8s;
 pub mod leader;

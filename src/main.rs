@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use scg_token_operator::{Config, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
+use scg_token_operator::{Config, agent, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
 use tracing_subscriber::EnvFilter;
 
 /// Keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
@@ -21,6 +21,9 @@ enum Command {
     Run(RunArgs),
     /// Print the ScgToken CustomResourceDefinition as YAML.
     Crd,
+    /// Run the token agent: a sidecar serving one target Secret's token to its pod, in
+    /// files (--dir) or through a localhost proxy that adds the bearer header (--upstream).
+    Agent(Box<agent::Args>),
 }
 
 #[derive(Parser)]
@@ -149,6 +152,24 @@ async fn run(args: RunArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+async fn run_agent(args: agent::Args) -> Result<(), String> {
+    let format = match args.log_format {
+        agent::LogFormat::Text => LogFormat::Text,
+        agent::LogFormat::Json => LogFormat::Json,
+    };
+    init_logging(format, &args.log_level)?;
+    let mut kube_config = kube::Config::infer()
+        .await
+        .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
+    // The watcher backs off on its own; a report that hangs in retries is only late.
+    kube_config.default_retry = false;
+    let client =
+        kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    agent::run(client, args, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -158,6 +179,7 @@ async fn main() -> ExitCode {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::Agent(args) => run_agent(*args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

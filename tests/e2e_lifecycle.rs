@@ -846,23 +846,32 @@ async fn kubectl_drives_the_examples_end_to_end() {
 
     let table = kubectl(&env, &["get", "scgtokens"], None).await;
     let mut lines = table.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let header_line = lines.next().unwrap_or_default();
+    let header: Vec<&str> = header_line.split_whitespace().collect();
     assert_eq!(
         header,
         [
-            "NAME", "READY", "REASON", "EXPIRES", "NEXT", "REFRESH", "AGE"
+            "NAME",
+            "READY",
+            "REASON",
+            "CONSUMERS",
+            "EXPIRES",
+            "NEXT",
+            "REFRESH",
+            "AGE"
         ],
         "{table}"
     );
-    let row: Vec<&str> = lines
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
+    let row_line = lines.next().unwrap_or_default();
+    // No spec.consumers: the CONSUMERS cell is blank.
+    let consumers_at = header_line.find("CONSUMERS").unwrap_or_default();
+    assert!(
+        row_line
+            .get(consumers_at..consumers_at + "CONSUMERS".len())
+            .is_some_and(|cell| cell.trim().is_empty()),
+        "{table}"
+    );
+    let row: Vec<&str> = row_line.split_whitespace().collect();
     assert_eq!(row.len(), 6, "{table}");
     assert_eq!(row[..3], ["messaging", "True", "Refreshed"], "{table}");
     let expires: jiff::Timestamp = row[3].parse().expect("EXPIRES is a time");

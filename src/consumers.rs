@@ -33,11 +33,11 @@ use prometheus_client::{
 };
 
 use crate::{
-    chain::bounded,
     crd::{
         ConsumersStatus, NUDGED_FOR_ANNOTATION, RESTARTED_AT_ANNOTATION, RESTARTED_FOR_ANNOTATION,
         RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
     },
+    k8s::bounded,
 };
 
 /// Type of the condition this module computes.
@@ -489,7 +489,7 @@ pub struct NudgeOutcome {
 pub enum NudgeError {
     #[error("podSelector is invalid: {0}")]
     Selector(String),
-    #[error("listing pods failed: {}", crate::chain::describe(.0))]
+    #[error("listing pods failed: {}", crate::k8s::describe(.0))]
     Kube(#[from] kube::Error),
 }
 

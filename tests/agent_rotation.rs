@@ -5,7 +5,9 @@
 //! failed calls.
 
 mod agent_common;
-mod common;
+mod common {
+    pub mod harness;
+}
 
 use std::{
     sync::{
@@ -16,7 +18,7 @@ use std::{
 };
 
 use agent_common::{Agent, Scratch, TARGET, get, http, wait_ready};
-use common::{Env, PATIENCE};
+use common::harness::{Env, PATIENCE};
 use testkit::scgsim::{PROTECTED_PATH, SimConfig};
 
 const ROTATIONS: usize = 10;

@@ -22,11 +22,11 @@ use tracing::{info, warn};
 
 use super::{Served, ServedRx, health::Metrics};
 use crate::{
-    chain::{bounded, describe},
     crd::{
         AGENT_MODE_ANNOTATION, AGENT_SCGTOKEN_LABEL, AGENT_SECRET_ANNOTATION,
         SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
     },
+    k8s::{bounded, describe},
 };
 
 /// Label marking the Leases written by token agents.

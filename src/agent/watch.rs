@@ -246,7 +246,7 @@ fn describe(e: &watcher::Error) -> String {
         watcher::Error::InitialListFailed(e)
         | watcher::Error::WatchStartFailed(e)
         | watcher::Error::WatchFailed(e) => {
-            let mut s = chain::describe(e);
+            let mut s = crate::k8s::describe(e);
             if matches!(e, kube::Error::Api(s) if s.code == 403) {
                 s.push_str(" (the pod's ServiceAccount needs get, list and watch on this Secret)");
             }

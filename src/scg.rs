@@ -71,6 +71,36 @@ impl Endpoint {
     }
 }
 
+/// Headers an extra header may not set: they frame the request or choose the host it
+/// goes to (a `Host` of the user's choosing sends the credentials to another virtual
+/// host; a `Content-Length` on a bodiless GET stalls the server or splits the request).
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Why `name: value` cannot be an extra header of the refresh call, if it cannot. The
+/// answer never quotes the value.
+pub fn header_problem(name: &str, value: &str) -> Option<&'static str> {
+    let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+        return Some("is not a valid HTTP header name");
+    };
+    if RESERVED_HEADERS.contains(&header.as_str()) {
+        return Some("names a header the operator sets itself (it frames or routes the request)");
+    }
+    if reqwest::header::HeaderValue::from_str(value).is_err() {
+        return Some("is not a valid HTTP header value");
+    }
+    None
+}
+
 /// One refresh call's inputs.
 #[derive(Debug)]
 pub struct RefreshRequest<'a> {
@@ -332,6 +362,23 @@ mod tests {
         assert!(err("https://u:p@x/").contains("credentials"));
         assert!(err("https://x/?a=b").contains("query"));
         assert_eq!(err("https://user:pw@[bad/"), "endpoint is not a valid URL");
+    }
+
+    #[test]
+    fn extra_headers_are_checked() {
+        assert_eq!(header_problem("Cookie", "a=b; c=d"), None);
+        assert_eq!(header_problem("X-Trace", ""), None);
+        for (name, value, want) in [
+            ("Bad Name", "v", "name"),
+            ("Cookie", "a\r\nX-Injected: yes", "value"),
+            ("Cookie", "a\u{1}", "value"),
+            ("Host", "elsewhere.example", "operator sets itself"),
+            ("content-length", "5", "operator sets itself"),
+            ("Transfer-Encoding", "chunked", "operator sets itself"),
+        ] {
+            let problem = header_problem(name, value).unwrap_or("none");
+            assert!(problem.contains(want), "{name}: {problem}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use crate::{
     crd::{DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken},
     k8s::{bounded, describe},
     policy::{Descends, TokenTimes},
-    scg::SecretString,
+    scg::{self, SecretString},
 };
 
 /// Annotations of the target Secret that hold the chain's state.
@@ -112,12 +112,65 @@ pub fn fingerprint(owner: &ScgToken, value: &str) -> String {
         .collect()
 }
 
-fn value(secret: &Secret, key: &str) -> Option<String> {
-    let bytes = secret.data.as_ref()?.get(key)?;
-    // Trailing newlines from `kubectl create secret --from-file` are not part of a token.
-    let s = String::from_utf8(bytes.0.clone()).ok()?;
+/// Why a key of a Secret gives no usable value.
+enum Unusable {
+    Absent,
+    NotText,
+    /// Empty, or only whitespace.
+    Empty,
+    /// Longer than [`MAX_CREDENTIAL`] bytes (the length).
+    TooLarge(usize),
+}
+
+/// Longest credential or header value taken from a Secret. Credentials travel in the
+/// refresh call's URL; a value this long is a file put in by mistake, and sending it
+/// would fail with an error that points at the network or the API, not at the Secret.
+pub const MAX_CREDENTIAL: usize = 8 * 1024;
+
+/// The value at `key`, trimmed: trailing newlines from `kubectl create secret
+/// --from-file` are not part of a token.
+fn text(secret: &Secret, key: &str) -> Result<String, Unusable> {
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .ok_or(Unusable::Absent)?;
+    let s = std::str::from_utf8(&bytes.0).map_err(|_| Unusable::NotText)?;
     let s = s.trim();
-    (!s.is_empty()).then(|| s.to_string())
+    if s.is_empty() {
+        return Err(Unusable::Empty);
+    }
+    Ok(s.to_string())
+}
+
+fn value(secret: &Secret, key: &str) -> Option<String> {
+    text(secret, key).ok()
+}
+
+/// A credential at `key` of `secret` (described by `what`), or why it cannot be used, in
+/// words that name the Secret and the key, never the value.
+fn credential(secret: &Secret, what: &str, key: &str) -> Result<SecretString, LoadError> {
+    let len = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map_or(0, |b| b.0.len());
+    let value = if len > MAX_CREDENTIAL {
+        Err(Unusable::TooLarge(len))
+    } else {
+        text(secret, key)
+    };
+    value.map(SecretString::new).map_err(|why| {
+        LoadError::Missing(match why {
+            Unusable::Absent => format!("{what} has no key {key:?}"),
+            Unusable::NotText => format!("{what} key {key:?} is not UTF-8 text"),
+            Unusable::Empty => format!("{what} key {key:?} is empty"),
+            Unusable::TooLarge(n) => format!(
+                "{what} key {key:?} holds {n} bytes, more than a credential can \
+                 (at most {MAX_CREDENTIAL})"
+            ),
+        })
+    })
 }
 
 /// Reads the credentials Secret (and the `headersFrom` Secret, if any).
@@ -129,30 +182,26 @@ pub async fn load_credentials(
     let secret = bounded(api.get_opt(&r.name))
         .await?
         .ok_or_else(|| LoadError::Missing(format!("credentials Secret {:?} not found", r.name)))?;
-    let get = |key: &str| {
-        value(&secret, key).map(SecretString::new).ok_or_else(|| {
-            LoadError::Missing(format!(
-                "credentials Secret {:?} has no (non-empty) key {key:?}",
-                r.name
-            ))
-        })
-    };
+    let what = format!("credentials Secret {:?}", r.name);
     let mut credentials = Credentials {
-        consumer_key: get(&r.consumer_key_key)?,
-        consumer_secret: get(&r.consumer_secret_key)?,
-        seed: get(&r.access_token_key)?,
+        consumer_key: credential(&secret, &what, &r.consumer_key_key)?,
+        consumer_secret: credential(&secret, &what, &r.consumer_secret_key)?,
+        seed: credential(&secret, &what, &r.access_token_key)?,
         headers: Vec::new(),
     };
     if let Some(h) = &owner.spec.headers_from {
         let secret = bounded(api.get_opt(&h.name))
             .await?
             .ok_or_else(|| LoadError::Missing(format!("headers Secret {:?} not found", h.name)))?;
+        let what = format!("headers Secret {:?}", h.name);
+        // Every key is a header: one left out silently would fail the call later with an
+        // error about the credentials.
         for key in secret.data.iter().flat_map(|d| d.keys()) {
-            if let Some(v) = value(&secret, key) {
-                credentials
-                    .headers
-                    .push((key.clone(), SecretString::new(v)));
+            let value = credential(&secret, &what, key)?;
+            if let Some(problem) = scg::header_problem(key, value.expose()) {
+                return Err(LoadError::Missing(format!("{what} key {key:?} {problem}")));
             }
+            credentials.headers.push((key.clone(), value));
         }
     }
     Ok(credentials)

@@ -3,6 +3,7 @@
 //! due, when is the next one, how long to back off. No I/O; the clock is injected.
 
 mod gates;
+mod target;
 
 pub use gates::{Blocked, CHAIN_OWNER_RECHECK, Cleared, Facts, Stop, Unloaded, gates};
 
@@ -62,8 +63,9 @@ pub struct Settings {
 #[error("{0}")]
 pub struct InvalidSpec(pub String);
 
-/// Checks the time settings of a spec, the same rules the CRD's CEL rules enforce, so a
-/// cluster without CEL (or an object stored before a rule existed) gets the same answer.
+/// Checks a spec: its time settings by the rules the CRD's CEL rules enforce, so a
+/// cluster without CEL (or an object stored before a rule existed) gets the same answer,
+/// and its target by the rules the API server applies when the Secret is written.
 pub fn validate(spec: &ScgTokenSpec) -> Result<Settings, InvalidSpec> {
     let field = |name: &str, value: &str| {
         parse_duration(value).ok_or_else(|| {
@@ -110,6 +112,7 @@ pub fn validate(spec: &ScgTokenSpec) -> Result<Settings, InvalidSpec> {
         }
         (None, None) => Margin::Third,
     };
+    target::check(&spec.target)?;
     Ok(Settings {
         validity,
         margin,

@@ -30,7 +30,7 @@ pub enum Reason {
     /// The current token has expired and no new one could be obtained.
     Expired,
     Suspended,
-    /// The target Secret exists and is not managed by this ScgToken.
+    /// The target Secret exists and is not managed by this ScgToken, or is immutable.
     TargetConflict,
 }
 

@@ -71,6 +71,36 @@ impl Endpoint {
     }
 }
 
+/// Headers an extra header may not set: they frame the request or choose the host it
+/// goes to (a `Host` of the user's choosing sends the credentials to another virtual
+/// host; a `Content-Length` on a bodiless GET stalls the server or splits the request).
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "keep-alive",
+    "proxy-connection",
+];
+
+/// Why `name: value` cannot be an extra header of the refresh call, if it cannot. The
+/// answer never quotes the value.
+pub fn header_problem(name: &str, value: &str) -> Option<&'static str> {
+    let Ok(header) = HeaderName::from_bytes(name.as_bytes()) else {
+        return Some("is not a valid HTTP header name");
+    };
+    if RESERVED_HEADERS.contains(&header.as_str()) {
+        return Some("names a header the operator sets itself (it frames or routes the request)");
+    }
+    if reqwest::header::HeaderValue::from_str(value).is_err() {
+        return Some("is not a valid HTTP header value");
+    }
+    None
+}
+
 /// One refresh call's inputs.
 #[derive(Debug)]
 pub struct RefreshRequest<'a> {
@@ -195,6 +225,17 @@ impl HttpTokenApi {
         if !(200..300).contains(&status) {
             return Err(RefreshError::Unavailable { status });
         }
+        // Nothing but identity was asked for (no Accept-Encoding): a compressed body would
+        // otherwise be reported as one that is not JSON.
+        if response
+            .headers()
+            .get(reqwest::header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return Err(RefreshError::InvalidResponse(
+                "the body is compressed (Content-Encoding), which was not asked for",
+            ));
+        }
         let mut body = Vec::new();
         while let Some(chunk) = response
             .chunk()
@@ -248,30 +289,40 @@ fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct SuccessBody {
-    access_token: Option<String>,
+    // Kept loose so that a field of the wrong type is named as such, not reported as a
+    // body that is not JSON.
+    access_token: Option<serde_json::Value>,
     validity_time: Option<serde_json::Value>,
 }
 
-/// Parses `{"accessToken":"..","validityTime":60}`. A `validityTime` of zero or less
-/// means a token that does not expire: the caller schedules it by the requested validity.
-fn parse_success(body: &[u8]) -> Result<Refreshed, RefreshError> {
+/// Parses a token response, `{"accessToken":"..","validityTime":60}`. A `validityTime`
+/// of zero or less means a token that does not expire: the caller schedules it by the
+/// requested validity. A fraction of a second counts as a second, not as "never".
+/// Public for the property tests; errors never quote the body.
+pub fn parse_success(body: &[u8]) -> Result<Refreshed, RefreshError> {
     let parsed: SuccessBody = serde_json::from_slice(body)
         .map_err(|_| RefreshError::InvalidResponse("not a JSON object"))?;
-    let token = parsed
-        .access_token
-        .filter(|t| !t.trim().is_empty())
-        .ok_or(RefreshError::InvalidResponse("no accessToken"))?;
-    let seconds = match parsed.validity_time {
-        Some(serde_json::Value::Number(n)) => {
-            n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)).ok_or(
-                RefreshError::InvalidResponse("validityTime is not a number"),
-            )?
+    let token = match parsed.access_token {
+        Some(serde_json::Value::String(t)) if !t.trim().is_empty() => t,
+        None | Some(serde_json::Value::Null | serde_json::Value::String(_)) => {
+            return Err(RefreshError::InvalidResponse("no accessToken"));
         }
-        Some(serde_json::Value::String(s)) => s
-            .trim()
-            .parse()
-            .map_err(|_| RefreshError::InvalidResponse("validityTime is not a number"))?,
-        _ => return Err(RefreshError::InvalidResponse("no validityTime")),
+        Some(_) => return Err(RefreshError::InvalidResponse("accessToken is not a string")),
+    };
+    let not_a_number = RefreshError::InvalidResponse("validityTime is not a number");
+    let seconds = match parsed.validity_time {
+        Some(serde_json::Value::Number(n)) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => i,
+            (None, Some(f)) if f > 0.0 && f < 1.0 => 1,
+            // `as` saturates: beyond the range of i64 is clamped below.
+            (None, Some(f)) => f as i64,
+            (None, None) => return Err(not_a_number),
+        },
+        Some(serde_json::Value::String(s)) => s.trim().parse().map_err(|_| not_a_number)?,
+        None | Some(serde_json::Value::Null) => {
+            return Err(RefreshError::InvalidResponse("no validityTime"));
+        }
+        Some(_) => return Err(not_a_number),
     };
     Ok(Refreshed {
         token: SecretString::new(token.trim()),
@@ -314,6 +365,23 @@ mod tests {
     }
 
     #[test]
+    fn extra_headers_are_checked() {
+        assert_eq!(header_problem("Cookie", "a=b; c=d"), None);
+        assert_eq!(header_problem("X-Trace", ""), None);
+        for (name, value, want) in [
+            ("Bad Name", "v", "name"),
+            ("Cookie", "a\r\nX-Injected: yes", "value"),
+            ("Cookie", "a\u{1}", "value"),
+            ("Host", "elsewhere.example", "operator sets itself"),
+            ("content-length", "5", "operator sets itself"),
+            ("Transfer-Encoding", "chunked", "operator sets itself"),
+        ] {
+            let problem = header_problem(name, value).unwrap_or("none");
+            assert!(problem.contains(want), "{name}: {problem}");
+        }
+    }
+
+    #[test]
     fn parses_token_responses() {
         let ok = parse_success(br#"{"accessToken":"abc","validityTime":60}"#).unwrap();
         assert_eq!((ok.token.expose(), ok.lifetime.as_secs()), ("abc", 60));
@@ -323,6 +391,12 @@ mod tests {
         assert_eq!(never.lifetime.as_secs(), 0);
         let huge = parse_success(br#"{"accessToken":"abc","validityTime":1e300}"#).unwrap();
         assert_eq!(huge.lifetime.as_secs(), MAX_LIFETIME_SECS as u64);
+        let brief = parse_success(br#"{"accessToken":"abc","validityTime":0.4}"#).unwrap();
+        assert_eq!(
+            brief.lifetime.as_secs(),
+            1,
+            "a short life is not an endless one"
+        );
         for (body, want) in [
             (&b"<html>bad gateway</html>"[..], "not a JSON object"),
             (br#"{"validityTime":60}"#, "no accessToken"),
@@ -331,6 +405,18 @@ mod tests {
             (
                 br#"{"accessToken":"abc","validityTime":"soon"}"#,
                 "not a number",
+            ),
+            (
+                br#"{"accessToken":"abc","validityTime":true}"#,
+                "validityTime is not a number",
+            ),
+            (
+                br#"{"accessToken":42,"validityTime":60}"#,
+                "accessToken is not a string",
+            ),
+            (
+                br#"{"accessToken":null,"validityTime":60}"#,
+                "no accessToken",
             ),
         ] {
             match parse_success(body) {

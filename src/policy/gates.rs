@@ -31,6 +31,8 @@ pub struct Facts<'a, E, C, K> {
     pub target_name: String,
     /// A Secret stands at the target's name and was not created for this ScgToken.
     pub target_foreign: bool,
+    /// The target Secret is this ScgToken's and is immutable: no token can be written.
+    pub target_immutable: bool,
     pub credentials: Result<C, Unloaded<K>>,
 }
 
@@ -77,7 +79,7 @@ pub fn gates<E, C, K>(f: Facts<'_, E, C, K>) -> Result<Cleared<E, C>, Stop<K>> {
     let (settings, endpoint) = valid_spec(f.spec, f.endpoint)?;
     sole_refresher(f.chain_owner.as_deref(), f.spec, f.now)?;
     not_suspended(f.spec)?;
-    own_target(f.target_foreign, &f.target_name)?;
+    own_target(f.target_foreign, f.target_immutable, &f.target_name)?;
     let credentials = credentials_found(f.credentials)?;
     Ok(Cleared {
         settings,
@@ -144,12 +146,21 @@ fn not_suspended<K>(spec: &ScgTokenSpec) -> Result<(), Stop<K>> {
     Ok(())
 }
 
-/// A Secret the operator did not create is never written.
-fn own_target<K>(foreign: bool, name: &str) -> Result<(), Stop<K>> {
+/// A Secret the operator did not create is never written; an immutable one cannot be,
+/// and a refresh would receive a token with nowhere to go.
+fn own_target<K>(foreign: bool, immutable: bool, name: &str) -> Result<(), Stop<K>> {
     if foreign {
         let message = format!(
             "Secret {name:?} exists and was not created for this ScgToken; delete it or \
              set spec.target.name to another name"
+        );
+        return Err(blocked(Reason::TargetConflict, message, None));
+    }
+    if immutable {
+        let message = format!(
+            "Secret {name:?} is immutable, so no new token can be written into it; its \
+             token stays until it expires. Delete the Secret and the operator writes a \
+             mutable one"
         );
         return Err(blocked(Reason::TargetConflict, message, None));
     }
@@ -182,6 +193,7 @@ mod tests {
             chain_owner: None,
             target_name: "messaging-token".into(),
             target_foreign: false,
+            target_immutable: false,
             credentials: Ok("credentials"),
         }
     }
@@ -208,7 +220,7 @@ mod tests {
             ..suspended.clone()
         };
         type Edit = fn(&mut Facts<'_, &str, &str, &str>);
-        let table: [(&str, &ScgTokenSpec, Edit, &str); 12] = [
+        let table: [(&str, &ScgTokenSpec, Edit, &str); 14] = [
             ("all clear", &good, |_| {}, "passes"),
             ("deleting", &bad, |f| f.deleting = true, "idle"),
             ("standby", &bad, |f| f.leader = false, "idle"),
@@ -236,6 +248,18 @@ mod tests {
                 &good,
                 |f| f.target_foreign = true,
                 "TargetConflict",
+            ),
+            (
+                "immutable target",
+                &good,
+                |f| f.target_immutable = true,
+                "TargetConflict",
+            ),
+            (
+                "suspended before an immutable target",
+                &suspended,
+                |f| f.target_immutable = true,
+                "Suspended",
             ),
             (
                 "foreign target before credentials",

@@ -46,6 +46,7 @@ impl<'a> Pass<'a> {
             chain_owner: self.ctx.chain_owner_other_than(obj),
             target_name: obj.target_name(),
             target_foreign: matches!(target, Target::Foreign),
+            target_immutable: target.owned().and_then(|s| s.immutable) == Some(true),
             credentials,
         };
         Observed {

@@ -7,7 +7,10 @@ use jiff::SignedDuration;
 use kube::{
     Api, Resource,
     api::{Patch, PatchParams},
-    runtime::{controller::Action, events::Event},
+    runtime::{
+        controller::Action,
+        events::{Event, EventType},
+    },
 };
 use tracing::warn;
 
@@ -81,6 +84,11 @@ impl Pass<'_> {
         }
         let reference = self.obj.object_ref(&());
         for notice in out.events {
+            // A Warning marks the turn to a failure: the log says so too, once, in the
+            // same words (they name Secrets and keys, never values).
+            if notice.type_ == EventType::Warning {
+                warn!(reason = notice.reason, message = %notice.note, "not ready");
+            }
             let event = Event {
                 type_: notice.type_,
                 reason: notice.reason.into(),

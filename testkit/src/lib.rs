@@ -5,5 +5,6 @@
 #![forbid(unsafe_code)]
 
 pub mod apiserver;
+pub mod connect_proxy;
 pub mod scgsim;
 pub mod tls;

@@ -47,7 +47,19 @@ impl TestCa {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         let mut ca_name = DistinguishedName::new();
-        ca_name.push(DnType::CommonName, "scg-token-operator test CA");
+        // A name of its own: a client that trusts another test CA then sees an unknown
+        // issuer, as with any foreign CA, not a bad signature from a namesake.
+        let id: String = ca_key
+            .public_key_raw()
+            .iter()
+            .skip(1)
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        ca_name.push(
+            DnType::CommonName,
+            format!("scg-token-operator test CA {id}"),
+        );
         ca_params.distinguished_name = ca_name;
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

@@ -1,7 +1,7 @@
 //! The `scg-token-operator` binary: flags, telemetry, start-up.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use scg_token_operator::{Config, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
@@ -32,6 +32,10 @@ struct RunArgs {
     /// carries the consumer secret.
     #[arg(long, env = "SCG_ALLOW_INSECURE_ENDPOINTS")]
     allow_insecure_endpoints: bool,
+    /// PEM file of CA certificates to trust for the SCG API, in addition to the
+    /// platform's root certificates (a private CA, or a TLS-inspecting proxy's CA).
+    #[arg(long, env = "SCG_CA_BUNDLE", value_name = "FILE")]
+    ca_bundle: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "SCG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -134,7 +138,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         identity: identity.clone(),
         duration: Duration::from_secs(args.lease_duration_seconds),
     });
-    let token_api = HttpTokenApi::new().map_err(|e| format!("HTTP client: {e}"))?;
+    let token_api =
+        HttpTokenApi::with_ca_bundle(args.ca_bundle.as_deref()).map_err(|e| e.to_string())?;
     let config = Config {
         namespace: args.namespace.filter(|n| !n.is_empty()),
         allow_insecure: args.allow_insecure_endpoints,

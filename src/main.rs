@@ -110,6 +110,19 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// kube's proxy errors quote the proxy URL, and with it any password in HTTPS_PROXY.
+fn kube_client_error(e: kube::Error) -> String {
+    match e {
+        kube::Error::ProxyProtocolUnsupported { .. }
+        | kube::Error::ProxyProtocolDisabled { .. } => {
+            "the proxy (kubeconfig proxy-url, else HTTPS_PROXY) uses a scheme this build \
+             does not support; use http:// or https://"
+                .into()
+        }
+        other => other.to_string(),
+    }
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format, &args.log_level)?;
     let mut kube_config = kube::Config::infer()
@@ -119,8 +132,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
     // call; the reconciler retries on its own schedule (a token waiting to be stored:
     // every second), and a call that hangs would also outlast the shutdown grace period.
     kube_config.default_retry = false;
-    let client =
-        kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube::Client::try_from(kube_config)
+        .map_err(|e| format!("Kubernetes client: {}", kube_client_error(e)))?;
     let identity = args
         .identity
         // Two processes on one host (or hostNetwork pods) must not share an identity,

@@ -337,6 +337,30 @@ fn describe_tls(e: &rustls::Error) -> String {
     format!("TLS handshake failed: {why}")
 }
 
+/// Says why an egress proxy did not open a tunnel, if that is what `e` is. The tunnel's
+/// error type is private to hyper-util; its messages are fixed texts, with no address or
+/// credential in them.
+fn proxy_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut link = Some(e);
+    for _ in 0..32 {
+        let err = link?;
+        if let Some(what) = err.to_string().strip_prefix("tunnel error: ") {
+            let hint = if what == "proxy authorization required" {
+                " (check the user and password in HTTPS_PROXY)".to_string()
+            } else {
+                innermost(err)
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            };
+            return Some(format!(
+                "the egress proxy did not open a tunnel: {what}{hint}"
+            ));
+        }
+        link = err.source();
+    }
+    None
+}
+
 /// Describes a reqwest error from its kind and source chain, never its URL.
 fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
     if e.is_timeout() && !e.is_connect() {
@@ -345,6 +369,9 @@ fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
     let e = e.without_url();
     if let Some(tls) = tls_error(&e) {
         return RefreshError::Transport(describe_tls(tls));
+    }
+    if let Some(proxy) = proxy_error(&e) {
+        return RefreshError::Transport(proxy);
     }
     let what = if e.is_connect() {
         "connection failed"

@@ -1,7 +1,7 @@
 //! The `scg-token-operator` binary: flags, telemetry, start-up.
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, process::ExitCode, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use scg_token_operator::{Config, agent, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
@@ -35,6 +35,10 @@ struct RunArgs {
     /// carries the consumer secret.
     #[arg(long, env = "SCG_ALLOW_INSECURE_ENDPOINTS")]
     allow_insecure_endpoints: bool,
+    /// PEM file of CA certificates to trust for the SCG API, in addition to the
+    /// platform's root certificates (a private CA, or a TLS-inspecting proxy's CA).
+    #[arg(long, env = "SCG_CA_BUNDLE", value_name = "FILE")]
+    ca_bundle: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "SCG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -109,6 +113,19 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// kube's proxy errors quote the proxy URL, and with it any password in HTTPS_PROXY.
+fn kube_client_error(e: kube::Error) -> String {
+    match e {
+        kube::Error::ProxyProtocolUnsupported { .. }
+        | kube::Error::ProxyProtocolDisabled { .. } => {
+            "the proxy (kubeconfig proxy-url, else HTTPS_PROXY) uses a scheme this build \
+             does not support; use http:// or https://"
+                .into()
+        }
+        other => other.to_string(),
+    }
+}
+
 async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format, &args.log_level)?;
     let mut kube_config = kube::Config::infer()
@@ -118,8 +135,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
     // call; the reconciler retries on its own schedule (a token waiting to be stored:
     // every second), and a call that hangs would also outlast the shutdown grace period.
     kube_config.default_retry = false;
-    let client =
-        kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube::Client::try_from(kube_config)
+        .map_err(|e| format!("Kubernetes client: {}", kube_client_error(e)))?;
     let identity = args
         .identity
         // Two processes on one host (or hostNetwork pods) must not share an identity,
@@ -137,7 +154,8 @@ async fn run(args: RunArgs) -> Result<(), String> {
         identity: identity.clone(),
         duration: Duration::from_secs(args.lease_duration_seconds),
     });
-    let token_api = HttpTokenApi::new().map_err(|e| format!("HTTP client: {e}"))?;
+    let token_api =
+        HttpTokenApi::with_ca_bundle(args.ca_bundle.as_deref()).map_err(|e| e.to_string())?;
     let config = Config {
         namespace: args.namespace.filter(|n| !n.is_empty()),
         allow_insecure: args.allow_insecure_endpoints,

@@ -4,8 +4,12 @@
 //! The refresh call carries the consumer secret and the current token in its query
 //! string, so nothing here ever formats a request URL, a response body or a credential:
 //! errors are built from static text and status codes only.
+//!
+//! The client trusts the platform's root certificates plus, optionally, a CA bundle
+//! ([`HttpTokenApi::with_ca_bundle`]), and takes its egress proxy from the usual
+//! environment variables (`HTTPS_PROXY`, `NO_PROXY`, …) when it is built.
 
-use std::{fmt, time::Duration};
+use std::{fmt, path::Path, time::Duration};
 
 use futures::future::BoxFuture;
 use reqwest::{Url, header::HeaderName};
@@ -168,6 +172,32 @@ const MAX_LIFETIME_SECS: i64 = 10 * 366 * 24 * 3600;
 /// Largest response body read; anything bigger is not a token response.
 const MAX_BODY: usize = 64 * 1024;
 
+/// Why the HTTP client could not be set up. Raised at start-up only.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("CA bundle {path} (--ca-bundle, SCG_CA_BUNDLE): {problem}")]
+    CaBundle { path: String, problem: String },
+    #[error("the HTTP client could not be built: {0}")]
+    Build(String),
+}
+
+/// Reads a PEM file of one or more CA certificates.
+fn read_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let fail = |problem: String| ClientError::CaBundle {
+        path: path.display().to_string(),
+        problem,
+    };
+    let pem = std::fs::read(path).map_err(|e| fail(format!("cannot be read: {e}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|_| fail("a certificate in it is not valid PEM".into()))?;
+    if certs.is_empty() {
+        return Err(fail(
+            "holds no certificate (expected PEM blocks \"-----BEGIN CERTIFICATE-----\")".into(),
+        ));
+    }
+    Ok(certs)
+}
+
 /// [`TokenApi`] over HTTPS with reqwest.
 #[derive(Clone)]
 pub struct HttpTokenApi {
@@ -175,13 +205,43 @@ pub struct HttpTokenApi {
 }
 
 impl HttpTokenApi {
-    pub fn new() -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
+    /// A client that trusts the platform's root certificates only.
+    pub fn new() -> Result<Self, ClientError> {
+        Self::with_ca_bundle(None)
+    }
+
+    /// A client that trusts the certificates in the PEM file `ca_bundle` in addition to
+    /// the platform's roots (a private CA, or the CA of a TLS-inspecting proxy).
+    pub fn with_ca_bundle(ca_bundle: Option<&Path>) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
             // A redirect would carry the query string, and so the secrets, elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
-            .user_agent(concat!("scg-token-operator/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("scg-token-operator/", env!("CARGO_PKG_VERSION")));
+        let mut count = 0;
+        if let Some(path) = ca_bundle {
+            let certs = read_ca_bundle(path)?;
+            count = certs.len();
+            // Merged: the platform's roots stay trusted.
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder.build().map_err(|e| {
+            let detail = innermost(&e).unwrap_or_else(|| e.to_string());
+            match ca_bundle {
+                Some(path) => ClientError::CaBundle {
+                    path: path.display().to_string(),
+                    problem: format!("cannot be used as trust anchors ({detail})"),
+                },
+                None => ClientError::Build(detail),
+            }
+        })?;
+        if let Some(path) = ca_bundle {
+            tracing::info!(
+                path = %path.display(),
+                certificates = count,
+                "trusting the CA bundle in addition to the platform's root certificates"
+            );
+        }
         Ok(HttpTokenApi { client })
     }
 
@@ -260,12 +320,100 @@ impl TokenApi for HttpTokenApi {
     }
 }
 
+/// The message of the last error in `e`'s source chain, if it has one.
+fn innermost(e: &dyn std::error::Error) -> Option<String> {
+    let mut detail = None;
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail = Some(s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+/// The rustls error behind a failed handshake, if that is what `e` is. rustls errors
+/// travel inside `io::Error`s (sometimes one inside another), whose `source()` skips
+/// what they wrap, so each link is opened by hand.
+fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut link = Some(e);
+    // Bounded: a chain is a handful of links.
+    for _ in 0..32 {
+        let err = link?;
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        link = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => match io.get_ref() {
+                Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            },
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// Says what went wrong in a TLS handshake, and what would fix it.
+fn describe_tls(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let why = match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => "certificate not trusted \
+             (issued by an unknown CA; if the endpoint or an inspecting proxy uses a \
+             private CA, pass it with --ca-bundle)"
+            .to_string(),
+        // A trusted CA's name on a certificate that CA did not sign.
+        rustls::Error::InvalidCertificate(C::BadSignature) => "certificate not trusted \
+             (its signature does not match the trusted CA of that name; check the CA \
+             passed with --ca-bundle)"
+            .to_string(),
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "the certificate is not valid for the endpoint's host name".into(),
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => "the certificate has expired or is not yet valid".into(),
+        rustls::Error::InvalidCertificate(C::Revoked) => "the certificate is revoked".into(),
+        other => other.to_string(),
+    };
+    format!("TLS handshake failed: {why}")
+}
+
+/// Says why an egress proxy did not open a tunnel, if that is what `e` is. The tunnel's
+/// error type is private to hyper-util; its messages are fixed texts, with no address or
+/// credential in them.
+fn proxy_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut link = Some(e);
+    for _ in 0..32 {
+        let err = link?;
+        if let Some(what) = err.to_string().strip_prefix("tunnel error: ") {
+            let hint = if what == "proxy authorization required" {
+                " (check the user and password in HTTPS_PROXY)".to_string()
+            } else {
+                innermost(err)
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            };
+            return Some(format!(
+                "the egress proxy did not open a tunnel: {what}{hint}"
+            ));
+        }
+        link = err.source();
+    }
+    None
+}
+
 /// Describes a reqwest error from its kind and source chain, never its URL.
 fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
     if e.is_timeout() && !e.is_connect() {
         return RefreshError::Timeout(timeout);
     }
     let e = e.without_url();
+    if let Some(tls) = tls_error(&e) {
+        return RefreshError::Transport(describe_tls(tls));
+    }
+    if let Some(proxy) = proxy_error(&e) {
+        return RefreshError::Transport(proxy);
+    }
     let what = if e.is_connect() {
         "connection failed"
     } else if e.is_body() || e.is_decode() {
@@ -273,16 +421,9 @@ fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
     } else {
         "the request failed"
     };
-    let mut detail = String::new();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        detail = s.to_string();
-        source = s.source();
-    }
-    if detail.is_empty() {
-        RefreshError::Transport(what.into())
-    } else {
-        RefreshError::Transport(format!("{what} ({detail})"))
+    match innermost(&e) {
+        Some(detail) => RefreshError::Transport(format!("{what} ({detail})")),
+        None => RefreshError::Transport(what.into()),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Drives `scg::HttpTokenApi` against small HTTP servers started on 127.0.0.1 inside each
 //! test: the request it sends, how every kind of answer (or non-answer) is classified, and
-//! that no error ever shows a credential or the query string that carries them.
+//! that no error ever shows a credential or the query string that carries them. Over
+//! HTTPS it talks to the SCG simulator, whose CA is trusted only when handed over.
 
 use std::{
     convert::Infallible,
@@ -20,7 +21,12 @@ use axum::{
     routing::get,
 };
 use scg_token_operator::scg::{
-    Endpoint, HttpTokenApi, RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi,
+    ClientError, Endpoint, HttpTokenApi, RefreshError, RefreshRequest, Refreshed, SecretString,
+    TokenApi,
+};
+use testkit::{
+    scgsim::{ScgSimulator, SimConfig},
+    tls::TempFile,
 };
 use tokio::{io::AsyncReadExt, net::TcpListener, sync::mpsc, time::timeout};
 
@@ -95,7 +101,11 @@ impl Call {
     /// Runs the call (bounded by [`BOUND`]); any error it returns is first checked for
     /// leaked credentials.
     async fn run(&self) -> Result<Refreshed, RefreshError> {
-        let api = HttpTokenApi::new().unwrap();
+        self.run_with(&HttpTokenApi::new().unwrap()).await
+    }
+
+    /// Like [`Call::run`], with the given client.
+    async fn run_with(&self, api: &HttpTokenApi) -> Result<Refreshed, RefreshError> {
         let req = self.request();
         let result = timeout(BOUND, api.refresh(&req))
             .await
@@ -416,4 +426,93 @@ async fn an_unsendable_extra_header_is_an_error_not_a_panic() {
     let err = call.run().await.unwrap_err();
     assert!(matches!(err, RefreshError::Transport(_)), "{err:?}");
     assert!(seen.try_recv().is_err(), "a request went out anyway");
+}
+
+/// An HTTPS simulator with the planted application registered; the call carries its seed.
+async fn tls_simulator() -> (ScgSimulator, Call) {
+    let sim = ScgSimulator::start(SimConfig {
+        tls: true,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let mut call = Call::to(&sim.refresh_url());
+    call.old_token = SecretString::new(sim.add_app(KEY, SECRET));
+    (sim, call)
+}
+
+fn ca_file(sim: &ScgSimulator) -> TempFile {
+    TempFile::write("scg-client-ca", sim.ca_pem().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn https_works_with_the_ca_bundle() {
+    let (sim, call) = tls_simulator().await;
+    let ca = ca_file(&sim);
+    let api = HttpTokenApi::with_ca_bundle(Some(ca.path())).unwrap();
+    let refreshed = call
+        .run_with(&api)
+        .await
+        .expect("refresh over https failed");
+    assert!(sim.is_valid(refreshed.token.expose()));
+    assert_eq!(sim.successful_refreshes(), 1);
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_clear_tls_failure() {
+    let (sim, call) = tls_simulator().await;
+    let (other, _) = tls_simulator().await;
+    let other_ca = ca_file(&other);
+    for api in [
+        HttpTokenApi::new().unwrap(),
+        // A bundle adds trust in its own CA, not in every certificate.
+        HttpTokenApi::with_ca_bundle(Some(other_ca.path())).unwrap(),
+    ] {
+        let err = call.run_with(&api).await.unwrap_err();
+        let RefreshError::Transport(msg) = &err else {
+            panic!("not a transport failure: {err:?}");
+        };
+        assert!(
+            msg.starts_with("TLS handshake failed: certificate not trusted"),
+            "{msg}"
+        );
+        assert!(msg.contains("--ca-bundle"), "{msg}");
+        assert!(!err.to_string().contains(&sim.addr().port().to_string()));
+    }
+    assert_eq!(sim.refresh_calls(), 0, "a request went out over TLS");
+}
+
+fn bundle_error(contents: &[u8]) -> String {
+    let file = TempFile::write("scg-client-bad-ca", contents).unwrap();
+    let err = match HttpTokenApi::with_ca_bundle(Some(file.path())) {
+        Err(e @ ClientError::CaBundle { .. }) => e.to_string(),
+        Err(other) => panic!("not a CA bundle error: {other:?}"),
+        Ok(_) => panic!("a bad CA bundle was accepted"),
+    };
+    assert!(err.contains(&file.path().display().to_string()), "{err}");
+    err
+}
+
+#[tokio::test]
+async fn a_bad_ca_bundle_is_a_clear_error() {
+    let missing =
+        HttpTokenApi::with_ca_bundle(Some(std::path::Path::new("/nonexistent/scg-ca-bundle.pem")));
+    let Err(err) = missing else {
+        panic!("a missing CA bundle was accepted")
+    };
+    assert!(err.to_string().contains("cannot be read"), "{err}");
+
+    for contents in [
+        &b""[..],
+        b"not a certificate\n",
+        b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    ] {
+        let err = bundle_error(contents);
+        assert!(err.contains("holds no certificate"), "{err}");
+    }
+    let err = bundle_error(b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n");
+    assert!(err.contains("not valid PEM"), "{err}");
+    // Well-formed PEM around bytes that are no certificate.
+    let err = bundle_error(b"-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n");
+    assert!(err.contains("cannot be used as trust anchors"), "{err}");
 }

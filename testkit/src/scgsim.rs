@@ -21,6 +21,9 @@
 //! a revoked or expired token, on either endpoint, is recorded
 //! ([`ScgSimulator::revoked_uses`]). Tests wait for progress with
 //! [`ScgSimulator::wait_refreshes`] instead of sleeping.
+//!
+//! With [`SimConfig::tls`] it serves HTTPS instead, with a certificate from a CA made
+//! at start ([`ScgSimulator::ca_pem`]) that nothing trusts unless told to.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -38,10 +41,14 @@ use axum::routing::{any, get};
 use axum::{Extension, Json, Router};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::tls::TestCa;
 
 /// Path of the refresh call.
 pub const REFRESH_PATH: &str = "/apptoken-refresh";
@@ -64,6 +71,9 @@ pub struct SimConfig {
     /// Validity of seed tokens from [`ScgSimulator::add_app`] and
     /// [`ScgSimulator::regenerate`]: their real expiry is unknown, so it is long.
     pub seed_validity: Duration,
+    /// Serve HTTPS with a server certificate for `127.0.0.1` and `localhost`, signed by
+    /// a CA generated at start.
+    pub tls: bool,
 }
 
 impl Default for SimConfig {
@@ -73,6 +83,7 @@ impl Default for SimConfig {
             validity_cap: Duration::from_secs(24 * 3600),
             grace: Duration::ZERO,
             seed_validity: Duration::from_secs(365 * 24 * 3600),
+            tls: false,
         }
     }
 }
@@ -297,6 +308,7 @@ struct ConnKill(mpsc::Sender<()>);
 pub struct ScgSimulator {
     shared: Arc<Shared>,
     addr: SocketAddr,
+    ca: Option<TestCa>,
     server: JoinHandle<()>,
 }
 
@@ -318,6 +330,11 @@ impl std::fmt::Debug for ScgSimulator {
 impl ScgSimulator {
     /// Binds `127.0.0.1:<config.port>` and starts serving.
     pub async fn start(config: SimConfig) -> std::io::Result<Self> {
+        let ca = if config.tls {
+            Some(TestCa::generate().map_err(std::io::Error::other)?)
+        } else {
+            None
+        };
         let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -330,10 +347,12 @@ impl ScgSimulator {
             .route(REFRESH_PATH_V1, get(refresh))
             .route(PROTECTED_PATH, any(protected))
             .with_state(shared.clone());
-        let server = tokio::spawn(accept_loop(listener, router));
+        let acceptor = ca.as_ref().map(TestCa::acceptor);
+        let server = tokio::spawn(accept_loop(listener, router, acceptor));
         Ok(Self {
             shared,
             addr,
+            ca,
             server,
         })
     }
@@ -343,17 +362,18 @@ impl ScgSimulator {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://` with [`SimConfig::tls`].
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// `http://127.0.0.1:PORT/apptoken-refresh`
+    /// `http(s)://127.0.0.1:PORT/apptoken-refresh`
     pub fn refresh_url(&self) -> String {
         format!("{}{REFRESH_PATH}", self.base_url())
     }
 
-    /// `http://127.0.0.1:PORT/v1/apptoken-refresh`
+    /// `http(s)://127.0.0.1:PORT/v1/apptoken-refresh`
     pub fn refresh_url_v1(&self) -> String {
         format!("{}{REFRESH_PATH_V1}", self.base_url())
     }
@@ -361,6 +381,12 @@ impl ScgSimulator {
     /// URL of the protected endpoint.
     pub fn protected_url(&self) -> String {
         format!("{}{PROTECTED_PATH}", self.base_url())
+    }
+
+    /// The PEM certificate of the CA that signed the server certificate, with
+    /// [`SimConfig::tls`].
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca.as_ref().map(TestCa::ca_pem)
     }
 
     /// The configuration it was started with.
@@ -491,13 +517,23 @@ impl ScgSimulator {
     }
 }
 
-async fn accept_loop(listener: TcpListener, router: Router) {
+async fn accept_loop(listener: TcpListener, router: Router, tls: Option<TlsAcceptor>) {
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                conns.spawn(serve_conn(stream, router.clone()));
+                let router = router.clone();
+                match tls.clone() {
+                    None => conns.spawn(serve_conn(stream, router)),
+                    // The handshake runs in the connection's task, so a client that
+                    // stalls or rejects the certificate holds up no one else.
+                    Some(tls) => conns.spawn(async move {
+                        if let Ok(stream) = tls.accept(stream).await {
+                            serve_conn(stream, router).await;
+                        }
+                    }),
+                };
             }
             // Reap finished connection tasks so the set does not grow without bound.
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -505,7 +541,10 @@ async fn accept_loop(listener: TcpListener, router: Router) {
     }
 }
 
-async fn serve_conn(stream: tokio::net::TcpStream, router: Router) {
+async fn serve_conn<S>(stream: S, router: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (kill_tx, mut kill_rx) = mpsc::channel(1);
     let service = TowerToHyperService::new(router.layer(Extension(ConnKill(kill_tx))));
     let conn =

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use testkit::scgsim::{DeadReason, Endpoint, Fault, Outcome, ScgSimulator, SimConfig};
+use testkit::scgsim::{
+    DeadReason, Endpoint, Fault, Outcome, REFRESH_PATH, ScgSimulator, SimConfig,
+};
 
 const KEY: &str = "demo-key";
 const SECRET: &str = "demo-secret";
@@ -16,6 +18,24 @@ fn client() -> reqwest::Client {
         .timeout(WAIT)
         .build()
         .unwrap()
+}
+
+/// A client that trusts only `ca_pem`.
+fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).unwrap();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(WAIT)
+        .tls_certs_only(certs)
+        .build()
+        .unwrap()
+}
+
+fn tls() -> SimConfig {
+    SimConfig {
+        tls: true,
+        ..short_lived()
+    }
 }
 
 async fn start(config: SimConfig) -> ScgSimulator {
@@ -472,4 +492,85 @@ async fn dropping_the_simulator_stops_it() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "server still answering after drop");
+}
+
+#[tokio::test]
+async fn tls_mode_serves_https_to_clients_that_trust_its_ca() {
+    let sim = start(tls()).await;
+    assert!(sim.refresh_url().starts_with("https://127.0.0.1:"));
+    let c = client_trusting(sim.ca_pem().expect("a CA in TLS mode"));
+    let seed = sim.add_app(KEY, SECRET);
+    let resp = refresh_at(&c, &sim.refresh_url(), SECRET, &seed, 60).await;
+    let (token, _) = new_token(resp.unwrap()).await;
+    // The certificate names localhost too.
+    let url = format!("https://localhost:{}{REFRESH_PATH}", sim.addr().port());
+    let (next, _) = new_token(refresh_at(&c, &url, SECRET, &token, 60).await.unwrap()).await;
+    assert!(sim.is_valid(&next));
+    assert_eq!(sim.successful_refreshes(), 2);
+    // Plain http to the TLS port gets no HTTP answer.
+    let plain = format!("http://{}{REFRESH_PATH}", sim.addr());
+    assert!(client().get(plain).send().await.is_err());
+    assert_eq!(sim.refresh_calls(), 2);
+}
+
+#[tokio::test]
+async fn each_tls_simulator_has_a_ca_of_its_own() {
+    let (a, b) = (start(tls()).await, start(tls()).await);
+    let (ca_a, ca_b) = (a.ca_pem().unwrap(), b.ca_pem().unwrap());
+    assert!(ca_a.starts_with("-----BEGIN CERTIFICATE-----"), "{ca_a}");
+    assert_ne!(ca_a, ca_b);
+    let seed = b.add_app(KEY, SECRET);
+    let err = refresh_at(&client_trusting(ca_a), &b.refresh_url(), SECRET, &seed, 60)
+        .await
+        .unwrap_err();
+    assert!(err.is_connect(), "{err:?}");
+    assert_eq!(b.refresh_calls(), 0);
+    assert!(start(short_lived()).await.ca_pem().is_none());
+}
+
+/// The binary's `--ca-out` writes the CA that its HTTPS certificate chains to.
+#[tokio::test]
+async fn the_binary_writes_its_ca_for_clients_to_trust() {
+    use tokio::io::AsyncBufReadExt;
+    let ca_file = testkit::tls::TempFile::write("scgsim-ca-out-test", "").unwrap();
+    // The simulator creates the file itself; the placeholder only reserved the name.
+    std::fs::remove_file(ca_file.path()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scg-simulator"))
+        .arg("--ca-out")
+        .arg(ca_file.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut seed) = (None, None);
+    while seed.is_none() {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("the simulator printed nothing in time")
+            .unwrap()
+            .expect("the simulator exited early");
+        if let Some(u) = line.strip_prefix("refresh URL:") {
+            url = Some(u.trim().to_owned());
+        }
+        if let Some(s) = line.strip_prefix("seed token:") {
+            seed = Some(s.trim().to_owned());
+        }
+    }
+    let url = url.expect("no refresh URL printed");
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let ca = std::fs::read_to_string(ca_file.path()).unwrap();
+    let resp = client_trusting(&ca)
+        .get(&url)
+        .query(&[
+            ("consumerkey", "demo-consumer-key"),
+            ("consumersecret", "demo-consumer-secret"),
+            ("oldtoken", seed.as_deref().unwrap_or_default()),
+            ("validity", "60"),
+        ])
+        .send()
+        .await
+        .unwrap();
+    new_token(resp).await;
 }

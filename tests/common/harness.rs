@@ -172,6 +172,13 @@ impl Env {
 
     /// Starts the operator binary with leader election off and `extra` flags.
     pub fn operator(&self, extra: &[&str]) -> Operator {
+        self.operator_with_env(extra, &[])
+    }
+
+    /// Like [`Env::operator`], with environment variables set (`Some`) or removed
+    /// (`None`) for the operator only: the test process's own environment is shared by
+    /// every test thread and stays untouched.
+    pub fn operator_with_env(&self, extra: &[&str], envs: &[(&str, Option<&str>)]) -> Operator {
         let mut args = vec![
             "run".to_string(),
             "--allow-insecure-endpoints".into(),
@@ -184,7 +191,7 @@ impl Env {
             args.push("--leader-elect=false".into());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let op = Operator::spawn(&self.kubeconfig, &args);
+        let op = Operator::spawn(&self.kubeconfig, &args, envs);
         self.logs.lock().unwrap().push(op.logs.clone());
         op
     }
@@ -283,8 +290,19 @@ pub struct Operator {
 }
 
 impl Operator {
-    fn spawn(kubeconfig: &std::path::Path, args: &[String]) -> Operator {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+    fn spawn(
+        kubeconfig: &std::path::Path,
+        args: &[String],
+        envs: &[(&str, Option<&str>)],
+    ) -> Operator {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_scg-token-operator"));
+        for (name, value) in envs {
+            match value {
+                Some(v) => command.env(name, v),
+                None => command.env_remove(name),
+            };
+        }
+        let mut child = command
             .args(args)
             .env("KUBECONFIG", kubeconfig)
             .env("NO_COLOR", "1")

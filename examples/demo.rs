@@ -115,6 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             identity: "demo".into(),
             token_api: Arc::new(HttpTokenApi::new()?),
             clock: Arc::new(SystemClock),
+            max_refresh_rate: None,
         },
         async {
             let _ = tokio::signal::ctrl_c().await;

@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod budget;
 pub mod chain;
 pub mod consumers;
 pub mod crd;
@@ -67,6 +68,8 @@ pub struct Config {
     pub identity: String,
     pub token_api: Arc<dyn scg::TokenApi>,
     pub clock: Arc<dyn policy::Clock>,
+    /// Most refresh calls across all ScgTokens; `None` sets no limit.
+    pub max_refresh_rate: Option<budget::Rate>,
 }
 
 /// Runs the operator until `shutdown` resolves: then starts no new refresh, lets the one
@@ -110,8 +113,20 @@ pub async fn run(
         controller: "scg-token-operator".into(),
         instance: Some(config.identity.clone()),
     };
+    let budget = budget::Budget::new(
+        config.max_refresh_rate,
+        Arc::new(budget::TokioTimer),
+        &metrics,
+    );
+    // Refreshes waiting for their turn end at shutdown instead of starting a call.
+    let closing = budget.clone();
+    let shutting_down = stopped();
+    tokio::spawn(async move {
+        shutting_down.await;
+        closing.close();
+    });
     let (tokens, tokens_writer) = reflector::store();
-    let ctx = Arc::new(reconcile::Context::new(reconcile::Deps {
+    let ctx = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
         token_api: config.token_api,
         clock: config.clock,
@@ -120,7 +135,8 @@ pub async fn run(
         leadership,
         allow_insecure: config.allow_insecure,
         tokens,
-    }));
+    });
+    let ctx = Arc::new(ctx.with_budget(budget));
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(

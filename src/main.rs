@@ -64,6 +64,13 @@ struct RunArgs {
     /// Name of this replica (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Most refresh calls per second across all ScgTokens (0: no limit). Calls beyond it
+    /// wait, the token that expires first going first.
+    #[arg(long, env = "SCG_MAX_REFRESH_RATE", default_value_t = 1000.0)]
+    max_refresh_rate: f64,
+    /// Refresh calls that may go at once within --max-refresh-rate.
+    #[arg(long, env = "SCG_REFRESH_BURST", default_value_t = 100)]
+    refresh_burst: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -128,6 +135,8 @@ fn kube_client_error(e: kube::Error) -> String {
 
 async fn run(args: RunArgs) -> Result<(), String> {
     init_logging(args.log_format, &args.log_level)?;
+    let max_refresh_rate =
+        scg_token_operator::budget::Rate::new(args.max_refresh_rate, args.refresh_burst)?;
     let mut kube_config = kube::Config::infer()
         .await
         .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
@@ -164,6 +173,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         identity,
         token_api: Arc::new(token_api),
         clock: Arc::new(policy::SystemClock),
+        max_refresh_rate,
     };
     scg_token_operator::run(client, config, shutdown_signal())
         .await

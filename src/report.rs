@@ -143,6 +143,10 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
+    /// Refreshes due and waiting for the shared rate budget.
+    pub refreshes_waiting: Gauge,
+    pub budget_waits: Counter,
+    pub budget_pauses: Counter,
 }
 
 impl Metrics {
@@ -161,6 +165,9 @@ impl Metrics {
             reconcile_errors: Family::default(),
             reconcile_duration: buckets(),
             leader: Gauge::default(),
+            refreshes_waiting: Gauge::default(),
+            budget_waits: Counter::default(),
+            budget_pauses: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("scgtoken");
         r.register(
@@ -204,6 +211,21 @@ impl Metrics {
             "leader",
             "1 while this replica holds the leader Lease",
             m.leader.clone(),
+        );
+        r.register(
+            "refreshes_waiting",
+            "Refreshes that are due and wait for the shared rate budget (--max-refresh-rate)",
+            m.refreshes_waiting.clone(),
+        );
+        r.register(
+            "refresh_budget_waits",
+            "Refreshes that had to wait for the shared rate budget",
+            m.budget_waits.clone(),
+        );
+        r.register(
+            "refresh_budget_pauses",
+            "HTTP 429 answers that paused every refresh through their endpoint",
+            m.budget_pauses.clone(),
         );
         m
     }
@@ -294,6 +316,9 @@ mod tests {
             "scgtoken_refreshes_total{namespace=\"ns\",name=\"tok\",result=\"success\"} 1",
             "# TYPE scgtoken_refresh_duration_seconds histogram",
             "scgtoken_leader 0",
+            "scgtoken_refreshes_waiting 0",
+            "scgtoken_refresh_budget_waits_total 0",
+            "scgtoken_refresh_budget_pauses_total 0",
         ] {
             assert!(out.contains(needle), "missing {needle} in\n{out}");
         }

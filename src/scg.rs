@@ -36,7 +36,7 @@ impl fmt::Debug for SecretString {
 }
 
 /// A validated refresh endpoint. Its `Debug` shows only scheme, host and path.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint(Url);
 
 impl fmt::Debug for Endpoint {

@@ -5,9 +5,11 @@
 //! Proxy settings and trust roots come from the environment, which is shared by every
 //! thread of this test process; so they are set on the operator process only.
 
-mod common;
+mod common {
+    pub mod harness;
+}
 
-use common::{CONSUMER_KEY, CONSUMER_SECRET, Env};
+use common::harness::{CONSUMER_KEY, CONSUMER_SECRET, Env};
 use k8s_openapi::api::events::v1::Event;
 use kube::{
     Api,
@@ -161,7 +163,9 @@ async fn the_ca_bundle_is_trusted_in_addition_to_the_platform_roots() {
         None,
         "a target was written"
     );
-    op.terminate(common::PATIENCE).await.expect("operator exit");
+    op.terminate(common::harness::PATIENCE)
+        .await
+        .expect("operator exit");
 
     // With the bundle, both: the bundle was added, the platform roots kept.
     let private_ca_path = private_ca.path().display().to_string();
@@ -306,7 +310,7 @@ async fn run_to_exit(env: &Env, args: &[&str], set: &[(&str, &str)]) -> (bool, S
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(common::PATIENCE, run)
+    let out = tokio::time::timeout(common::harness::PATIENCE, run)
         .await
         .expect("the operator kept running")
         .expect("run the operator");

@@ -1,12 +1,12 @@
 //! The pass's writes and its one call: storing tokens in the target Secret, and the
 //! refresh call itself.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, ResourceExt};
-use tracing::{info, warn};
+use kube::{Api, ResourceExt, runtime::controller::Action};
+use tracing::{debug, info, warn};
 
 use super::{
     Context, Pass,
@@ -15,8 +15,10 @@ use super::{
 };
 use crate::{
     Error,
+    budget::Turn,
     chain::{self, Chain, Credentials, PersistError, Target},
     crd::ScgToken,
+    k8s,
     policy::{self, Footing, Settings, TokenTimes},
     report::RefreshLabels,
     scg::{Endpoint, RefreshError, RefreshRequest, Refreshed, SecretString},
@@ -126,8 +128,60 @@ impl Pass<'_> {
         })
     }
 
+    /// Waits for this refresh's turn in the shared budget ([`crate::budget`]), before the
+    /// Lease check so that the check is fresh at call time. `Some` when the refresh must
+    /// not happen after all: shutdown began, or the ScgToken changed while it waited.
+    pub(super) async fn take_turn(
+        &self,
+        endpoint: &Endpoint,
+        expires_at: Option<Timestamp>,
+    ) -> Result<Option<Action>, Error> {
+        let left = expires_at.map(|t| t.duration_since(self.ctx.clock.now()));
+        let started = Instant::now();
+        match self.ctx.budget.turn(endpoint, left).await {
+            Turn::Now => Ok(None),
+            Turn::Closed => {
+                info!("not refreshing: shutting down");
+                Ok(Some(Action::await_change()))
+            }
+            Turn::Waited => {
+                let waited_ms = started.elapsed().as_millis() as u64;
+                debug!(waited_ms, "the refresh budget gave this refresh its turn");
+                if let (Some(at), Some(left)) = (expires_at, left)
+                    && left.is_positive()
+                    && at <= self.ctx.clock.now()
+                {
+                    warn!(
+                        expired_at = %at,
+                        waited_ms,
+                        "the token expired while its refresh waited for the refresh budget; \
+                         --max-refresh-rate may be too low for this many tokens"
+                    );
+                }
+                self.unchanged_while_waiting().await
+            }
+        }
+    }
+
+    /// A wait can be long: a refresh whose ScgToken was meanwhile deleted, suspended or
+    /// edited must not go ahead on what was read before it. Another pass looks again.
+    async fn unchanged_while_waiting(&self) -> Result<Option<Action>, Error> {
+        let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
+        let now = k8s::bounded(api.get_opt(&self.key.name)).await?;
+        let unchanged = now.is_some_and(|o| {
+            o.metadata.uid == self.obj.metadata.uid
+                && o.metadata.generation == self.obj.metadata.generation
+                && o.metadata.deletion_timestamp.is_none()
+        });
+        if unchanged {
+            return Ok(None);
+        }
+        info!("the ScgToken changed while its refresh waited for the budget; looking again");
+        Ok(Some(Action::requeue(Duration::from_secs(1))))
+    }
+
     /// Calls the refresh API with the chain's current token. Returns when the request
-    /// left, and the answer.
+    /// left, and the answer. A 429 pauses every refresh through the endpoint.
     pub(super) async fn call(
         &self,
         settings: &Settings,
@@ -150,6 +204,9 @@ impl Pass<'_> {
                 timeout: settings.timeout,
             })
             .await;
+        if let Err(RefreshError::RateLimited { retry_after }) = &result {
+            self.ctx.budget.pause(endpoint, *retry_after);
+        }
         let metrics = &self.ctx.metrics;
         metrics
             .refresh_duration

@@ -17,6 +17,7 @@ use super::{
     memory::{Key, Memory},
 };
 use crate::{
+    budget::{Budget, TokioTimer},
     chain::{self, Chain},
     crd::ScgToken,
     k8s,
@@ -36,6 +37,8 @@ pub struct Context {
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
+    /// Every refresh call takes its turn here: the shared rate and `Retry-After` pauses.
+    pub budget: Budget,
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
     pub(super) tokens: Store<ScgToken>,
     pub(super) memory: Memory,
@@ -58,7 +61,8 @@ pub struct Deps {
 }
 
 impl Context {
-    /// A context with nothing in memory, as a newly started process has.
+    /// A context with nothing in memory, as a newly started process has, and a budget
+    /// without a rate limit (429 pauses still apply); see [`Context::with_budget`].
     pub fn new(deps: Deps) -> Self {
         let Deps {
             client,
@@ -70,6 +74,7 @@ impl Context {
             allow_insecure,
             tokens,
         } = deps;
+        let budget = Budget::new(None, Arc::new(TokioTimer), &metrics);
         Context {
             client,
             token_api,
@@ -78,9 +83,15 @@ impl Context {
             metrics,
             leadership,
             allow_insecure,
+            budget,
             tokens,
             memory: Memory::default(),
         }
+    }
+
+    /// The same context, its refresh calls sharing `budget`.
+    pub fn with_budget(self, budget: Budget) -> Self {
+        Context { budget, ..self }
     }
 
     /// The oldest other ScgToken in the same namespace that uses the same credentials

@@ -4,7 +4,8 @@
 //! 1. store a token held in memory, if any (`act.rs`): nothing may come before it;
 //! 2. `observe.rs`: every read, into one struct;
 //! 3. [`policy::gates`], then [`policy::footing`] and [`policy::decide`]: pure decisions;
-//! 4. `act.rs`: the writes the chosen footing implies, the refresh call, the store;
+//! 4. `act.rs`: the writes the chosen footing implies, a turn in the shared rate budget
+//!    ([`crate::budget`]), the refresh call, the store;
 //! 5. `outcome.rs`: pure, from what happened to status, Events and the next wake-up;
 //! 6. `publish.rs`: the one function that writes status and Events.
 //!
@@ -198,6 +199,10 @@ impl<'a> Pass<'a> {
         });
         if let Decision::Wait(until) = decision {
             return Ok(self.report(Happened::Waiting { shown, until }).await);
+        }
+        let expires_at = standing.chain.times.expires_at;
+        if let Some(action) = self.take_turn(&endpoint, expires_at).await? {
+            return Ok(action);
         }
         if !self.ctx.leadership.confirm(self.ctx.clock.now()).await {
             warn!("not refreshing: the leader lease is not held with a safe margin");

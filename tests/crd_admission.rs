@@ -72,6 +72,21 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         r#"{"refreshBefore": "25h"}"#,
         "refreshBefore must be shorter than validity",
     ),
+    (
+        "empty consumer pod selector",
+        r#"{"consumers": {"podSelector": {}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
+    ),
+    (
+        "consumer staleAfter below 1s",
+        r#"{"consumers": {"staleAfter": "0s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "consumer staleAfter above 10m",
+        r#"{"consumers": {"staleAfter": "11m"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
 ];
 
 /// Specs at the edges of every rule, which must all be admitted: without them a server
@@ -87,6 +102,10 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"timeout": "2m", "validity": "8760h", "refreshBefore": "8759h59m59s"}"#,
     ),
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
+    (
+        "consumers at their bounds",
+        r#"{"consumers": {"podSelector": {"matchLabels": {"app": "x"}}, "staleAfter": "10m"}}"#,
+    ),
 ];
 
 fn manifest_crd() -> CustomResourceDefinition {

@@ -115,6 +115,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             identity: "demo".into(),
             token_api: Arc::new(HttpTokenApi::new()?),
             clock: Arc::new(SystemClock),
+            consumer_reports: false,
         },
         async {
             let _ = tokio::signal::ctrl_c().await;

@@ -67,6 +67,9 @@ pub struct Config {
     pub identity: String,
     pub token_api: Arc<dyn scg::TokenApi>,
     pub clock: Arc<dyn policy::Clock>,
+    /// Watch the token agents' report Leases for `spec.consumers.agents` (needs leases
+    /// list/watch).
+    pub consumer_reports: bool,
 }
 
 /// Runs the operator until `shutdown` resolves: then starts no new refresh, lets the one
@@ -111,7 +114,8 @@ pub async fn run(
         instance: Some(config.identity.clone()),
     };
     let (tokens, tokens_writer) = reflector::store();
-    let ctx = Arc::new(reconcile::Context::new(reconcile::Deps {
+    let (leases, leases_writer) = reflector::store();
+    let ctx = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
         token_api: config.token_api,
         clock: config.clock,
@@ -120,12 +124,18 @@ pub async fn run(
         leadership,
         allow_insecure: config.allow_insecure,
         tokens,
-    }));
+    });
+    let (ctx, leases_writer) = match config.consumer_reports {
+        true => (ctx.with_consumer_reports(leases), Some(leases_writer)),
+        false => (ctx, None),
+    };
+    let ctx = Arc::new(ctx);
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(
         ctx.clone(),
         tokens_writer,
+        leases_writer,
         config.namespace.as_deref(),
         stopped(),
         move || {

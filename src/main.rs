@@ -60,6 +60,10 @@ struct RunArgs {
     /// Name of this replica (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Read the token agents' report Leases for ScgTokens with `spec.consumers.agents`
+    /// (needs leases list/watch: deploy/components/consumer-reports).
+    #[arg(long, env = "SCG_CONSUMER_REPORTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    consumer_reports: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -146,6 +150,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         identity,
         token_api: Arc::new(token_api),
         clock: Arc::new(policy::SystemClock),
+        consumer_reports: args.consumer_reports,
     };
     scg_token_operator::run(client, config, shutdown_signal())
         .await

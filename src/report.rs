@@ -143,6 +143,8 @@ pub struct Metrics {
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub leader: Gauge,
+    /// `scgtoken_consumers{namespace,name,state}`.
+    pub consumers: crate::consumers::ConsumerMetrics,
 }
 
 impl Metrics {
@@ -161,6 +163,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             reconcile_duration: buckets(),
             leader: Gauge::default(),
+            consumers: crate::consumers::ConsumerMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("scgtoken");
         r.register(
@@ -232,6 +235,7 @@ impl Metrics {
         self.next_refresh.remove(labels);
         self.ready.remove(labels);
         self.consecutive_failures.remove(labels);
+        self.consumers.forget(&labels.namespace, &labels.name);
     }
 }
 

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
     runtime::{events::Recorder, reflector::Store},
@@ -14,6 +14,7 @@ use tracing::{Instrument, info_span, warn};
 
 use super::{
     act,
+    consumers::ReportCache,
     memory::{Key, Memory},
 };
 use crate::{
@@ -39,6 +40,8 @@ pub struct Context {
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
     pub(super) tokens: Store<ScgToken>,
     pub(super) memory: Memory,
+    /// The token agents' reports (`--consumer-reports`).
+    pub(super) reports: Arc<ReportCache>,
 }
 
 /// What a [`Context`] is built from.
@@ -80,7 +83,16 @@ impl Context {
             allow_insecure,
             tokens,
             memory: Memory::default(),
+            reports: Arc::default(),
         }
+    }
+
+    /// Aggregates the token agents' reports from `leases`, a cache of their Leases that
+    /// [`controller`](super::controller) fills. Without it `spec.consumers.agents` says
+    /// that reports are disabled.
+    pub fn with_consumer_reports(mut self, leases: Store<Lease>) -> Self {
+        self.reports = Arc::new(ReportCache::new(leases));
+        self
     }
 
     /// The oldest other ScgToken in the same namespace that uses the same credentials

@@ -114,8 +114,7 @@ pub async fn run(
         instance: Some(config.identity.clone()),
     };
     let (tokens, tokens_writer) = reflector::store();
-    let (leases, leases_writer) = reflector::store();
-    let ctx = reconcile::Context::new(reconcile::Deps {
+    let (ctx, leases) = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
         token_api: config.token_api,
         clock: config.clock,
@@ -124,18 +123,15 @@ pub async fn run(
         leadership,
         allow_insecure: config.allow_insecure,
         tokens,
-    });
-    let (ctx, leases_writer) = match config.consumer_reports {
-        true => (ctx.with_consumer_reports(leases), Some(leases_writer)),
-        false => (ctx, None),
-    };
+    })
+    .with_consumer_reports(config.consumer_reports);
     let ctx = Arc::new(ctx);
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(
         ctx.clone(),
         tokens_writer,
-        leases_writer,
+        leases,
         config.namespace.as_deref(),
         stopped(),
         move || {

@@ -206,7 +206,8 @@ struct World {
     clock: Arc<FakeClock>,
     ctx: Arc<Context>,
     pods: Arc<Pods>,
-    leases: Store<Lease>,
+    /// The operator's Lease cache, when on.
+    leases: Option<Store<Lease>>,
     registry: Registry,
 }
 
@@ -243,17 +244,16 @@ impl World {
             allow_insecure: false,
             tokens: reflector::store().0,
         });
-        let (leases, writer) = reflector::store::<Lease>();
-        let ctx = match reports {
-            true => {
-                let watch = watcher(Api::<Lease>::all(server.client()), Default::default())
-                    .reflect(writer)
-                    .for_each(|_| async {});
-                tokio::spawn(watch);
-                ctx.with_consumer_reports(leases.clone())
-            }
-            false => ctx,
-        };
+        // Fed from the API server directly, as the controller's watch would be.
+        let (ctx, writer) = ctx.with_consumer_reports(reports);
+        let mut leases = None;
+        if let Some(writer) = writer {
+            leases = Some(writer.as_reader());
+            let watch = watcher(Api::<Lease>::all(server.client()), Default::default())
+                .reflect(writer)
+                .for_each(|_| async {});
+            tokio::spawn(watch);
+        }
         let w = World {
             server,
             client,
@@ -414,7 +414,8 @@ impl World {
                     == Some(&fingerprint.to_string())
         };
         for _ in 0..500 {
-            if self.leases.state().iter().any(|l| {
+            let leases = self.leases.as_ref().expect("the Lease cache is on");
+            if leases.state().iter().any(|l| {
                 l.metadata.name.as_deref() == Some(&format!("{pod}.{scgtoken}")) && cached(l)
             }) {
                 return;

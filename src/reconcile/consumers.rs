@@ -262,6 +262,13 @@ impl Pass<'_> {
             Some(s) => self.ctx.metrics.consumers.observe(ns, name, s),
             None => self.ctx.metrics.consumers.forget(ns, name),
         }
+        for e in &settled.events {
+            let note = e.note.as_deref().unwrap_or_default();
+            match e.type_ {
+                EventType::Warning => warn!(reason = %e.reason, "{note}"),
+                EventType::Normal => info!(reason = %e.reason, "{note}"),
+            }
+        }
         settled.events.extend(acted.events);
         settled.wake = earliest(settled.wake, acted.wake);
         settled

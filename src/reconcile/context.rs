@@ -8,7 +8,10 @@ use std::{
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
-    runtime::{events::Recorder, reflector::Store},
+    runtime::{
+        events::Recorder,
+        reflector::{self, Store, store::Writer},
+    },
 };
 use tracing::{Instrument, info_span, warn};
 
@@ -87,12 +90,16 @@ impl Context {
         }
     }
 
-    /// Aggregates the token agents' reports from `leases`, a cache of their Leases that
-    /// [`controller`](super::controller) fills. Without it `spec.consumers.agents` says
-    /// that reports are disabled.
-    pub fn with_consumer_reports(mut self, leases: Store<Lease>) -> Self {
+    /// With `on`, aggregates the token agents' reports from a cache of their Leases, and
+    /// returns the writer that fills it ([`controller`](super::controller) feeds it from a
+    /// Lease watch). Without, `spec.consumers.agents` says that reports are disabled.
+    pub fn with_consumer_reports(mut self, on: bool) -> (Self, Option<Writer<Lease>>) {
+        if !on {
+            return (self, None);
+        }
+        let (leases, writer) = reflector::store();
         self.reports = Arc::new(ReportCache::new(leases));
-        self
+        (self, Some(writer))
     }
 
     /// The oldest other ScgToken in the same namespace that uses the same credentials

@@ -24,7 +24,7 @@ use common::{
     harness::{Env, PATIENCE, wait_target_change},
     metrics::{metric, parse_metrics},
 };
-use k8s_openapi::api::{apps::v1::Deployment, events::v1::Event};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
     api::{ListParams, Patch, PatchParams, PostParams},
@@ -67,11 +67,37 @@ fn agents(stale_after: &str) -> ConsumersSpec {
     }
 }
 
-/// An agent in file mode as pod `pod`, with `extra` flags.
-fn agent(env: &Env, dir: &Scratch, pod: &str, extra: &[&str]) -> Agent {
+/// An agent in file mode as pod `pod`, with `extra` flags. On a real cluster the pod
+/// must exist: the agent's Lease is owned by it, and the garbage collector deletes a
+/// Lease whose owner does not exist. There a Pod by that name is created (it is never
+/// scheduled: the test environment has no scheduler) and its UID passed on.
+async fn agent(env: &Env, dir: &Scratch, pod: &str, extra: &[&str]) -> Agent {
     let mut args = vec![format!("--dir={}", dir.0.display())];
     args.extend(extra.iter().map(|s| s.to_string()));
+    if env.api.is_none() {
+        args.push(format!("--pod-uid={}", real_pod(env, pod).await));
+    }
     Agent::spawn_in(&env.kubeconfig, &env.namespace, pod, &args)
+}
+
+/// Creates a Pod named `pod` on a real cluster; its UID.
+async fn real_pod(env: &Env, pod: &str) -> String {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    let obj: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": pod},
+        "spec": {
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "busybox"}]
+        }
+    }))
+    .expect("a Pod");
+    // The namespace's default ServiceAccount, which admission looks up, comes shortly
+    // after the namespace.
+    env.eventually(&format!("Pod {pod} created"), || async {
+        let created = pods.create(&PostParams::default(), &obj).await.ok()?;
+        created.metadata.uid
+    })
+    .await
 }
 
 /// (status, reason, message) of `ConsumersUpToDate`, and `status.consumers`.
@@ -165,14 +191,15 @@ async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out()
         Scratch::new("live"),
         Scratch::new("doomed"),
     ];
-    let frozen = agent(&env, &dirs[0], "consumer-frozen", &[]);
-    let live = agent(&env, &dirs[1], "consumer-live", &[]);
+    let frozen = agent(&env, &dirs[0], "consumer-frozen", &[]).await;
+    let live = agent(&env, &dirs[1], "consumer-live", &[]).await;
     let mut doomed = agent(
         &env,
         &dirs[2],
         "consumer-doomed",
         &["--report-lease-seconds=3"],
-    );
+    )
+    .await;
     wait_consumers(&env, "True", "UpToDate", |c| c.summary == "3/3").await;
 
     // A rotation with every agent running: how long the slowest took to switch.
@@ -319,7 +346,7 @@ async fn reports_need_the_flag_and_the_components_variable_turns_them_on() {
     let env = Env::start(revoking()).await;
     scgtoken(&env, agents("10s")).await;
     let dir = Scratch::new("disabled");
-    let only = agent(&env, &dir, "consumer-0", &[]);
+    let only = agent(&env, &dir, "consumer-0", &[]).await;
 
     // Without --consumer-reports: the token is refreshed as ever, and the condition says
     // how to turn reports on.
@@ -370,8 +397,8 @@ async fn kubectl_shows_the_consumers_column() {
     scgtoken(&env, agents("10s")).await;
     let _operator = env.operator(&["--consumer-reports"]);
     let dirs = [Scratch::new("column-0"), Scratch::new("column-1")];
-    let a = agent(&env, &dirs[0], "consumer-0", &[]);
-    let b = agent(&env, &dirs[1], "consumer-1", &[]);
+    let a = agent(&env, &dirs[0], "consumer-0", &[]).await;
+    let b = agent(&env, &dirs[1], "consumer-1", &[]).await;
     wait_consumers(&env, "True", "UpToDate", |c| c.summary == "2/2").await;
 
     let cache = Scratch::new("kubectl-cache");

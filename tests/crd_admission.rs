@@ -72,6 +72,26 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         r#"{"refreshBefore": "25h"}"#,
         "refreshBefore must be shorter than validity",
     ),
+    (
+        "staleAfter below 1s",
+        r#"{"consumers": {"agents": true, "staleAfter": "0s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "staleAfter above 10m",
+        r#"{"consumers": {"agents": true, "staleAfter": "10m1s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "podSelector matching every pod",
+        r#"{"consumers": {"podSelector": {}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
+    ),
+    (
+        "podSelector with empty lists",
+        r#"{"consumers": {"podSelector": {"matchLabels": {}, "matchExpressions": []}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
+    ),
 ];
 
 /// Specs at the edges of every rule, which must all be admitted: without them a server
@@ -87,6 +107,14 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"timeout": "2m", "validity": "8760h", "refreshBefore": "8759h59m59s"}"#,
     ),
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
+    (
+        "consumers at their bounds",
+        r#"{"consumers": {"agents": true, "staleAfter": "1s", "podSelector": {"matchLabels": {"app": "a"}}}}"#,
+    ),
+    (
+        "longest staleAfter, selector by expression",
+        r#"{"consumers": {"staleAfter": "10m", "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}}"#,
+    ),
 ];
 
 fn manifest_crd() -> CustomResourceDefinition {

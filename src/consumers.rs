@@ -140,11 +140,7 @@ pub fn aggregate(
             }
             continue;
         }
-        let reference = match (token.stored_at, r.started) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        if token.fingerprint.is_some() && reference.is_some_and(|t| after(t, stale_after) < now) {
+        if stale_at(r, token, stale_after).is_some_and(|t| t < now) {
             stale.push(r.pod.clone());
         }
     }
@@ -158,6 +154,48 @@ pub fn aggregate(
     status
 }
 
+/// When a pod not serving the current token becomes stale: `stale_after` after the
+/// token was stored, or after the agent started if it started later. `None` before a
+/// token was stored, or when the pod serves it.
+fn stale_at(r: &AgentReport, token: CurrentToken<'_>, stale_after: Duration) -> Option<Timestamp> {
+    let fingerprint = token.fingerprint?;
+    if r.fingerprint.as_deref() == Some(fingerprint) {
+        return None;
+    }
+    let reference = match (token.stored_at, r.started) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    reference.map(|t| after(t, stale_after))
+}
+
+/// How long after an instant a look finds it passed: [`aggregate`] counts a pod stale
+/// and a heartbeat expired only strictly after their instant.
+const LOOK_AFTER: Duration = Duration::from_millis(100);
+
+/// When [`aggregate`] would next give another answer for these reports if nothing else
+/// changed: the first heartbeat to expire, or the first switching pod to turn stale.
+/// `None` without live reports. Waking then finds staleness and dead agents without
+/// polling; a report that changes triggers a pass of its own.
+pub fn next_change(
+    reports: &[AgentReport],
+    token: CurrentToken<'_>,
+    stale_after: Duration,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    reports
+        .iter()
+        .filter(|r| is_alive(r, now))
+        .flat_map(|r| {
+            let expiry = r.renewed.map(|t| after(t, r.duration));
+            let stale = stale_at(r, token, stale_after).filter(|t| *t >= now);
+            [expiry, stale]
+        })
+        .flatten()
+        .min()
+        .map(|t| after(t, LOOK_AFTER))
+}
+
 /// Why `ConsumersUpToDate` is what it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConditionReason {
@@ -169,6 +207,10 @@ pub enum ConditionReason {
     NoReports,
     /// A rollout restart was asked for and refused; see [`restart_refusal`].
     RestartRefused,
+    /// `spec.consumers.agents` is on but the operator runs without `--consumer-reports`.
+    ReportsDisabled,
+    /// The operator could not read the report Leases (e.g. no permission).
+    ReportsUnavailable,
 }
 
 impl ConditionReason {
@@ -178,15 +220,28 @@ impl ConditionReason {
             ConditionReason::StaleConsumers => "StaleConsumers",
             ConditionReason::NoReports => "NoReports",
             ConditionReason::RestartRefused => "RestartRefused",
+            ConditionReason::ReportsDisabled => "ReportsDisabled",
+            ConditionReason::ReportsUnavailable => "ReportsUnavailable",
         }
     }
+}
+
+/// Why the reports could not be aggregated although `spec.consumers.agents` is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unread<'a> {
+    /// The operator runs without `--consumer-reports`.
+    Disabled,
+    /// The Lease watch failed before its first complete list; why, in safe words.
+    Unavailable(&'a str),
 }
 
 /// Everything the `ConsumersUpToDate` condition is computed from.
 #[derive(Debug, Clone, Copy)]
 pub struct ConditionInputs<'a> {
-    /// The aggregate, when `spec.consumers.agents` is on.
+    /// The aggregate, when `spec.consumers.agents` is on and the reports were read.
     pub status: Option<&'a ConsumersStatus>,
+    /// Why they were not, when they were asked for.
+    pub unread: Option<Unread<'a>>,
     /// A refused rollout restart ([`restart_refusal`]'s message).
     pub refusal: Option<&'a str>,
     pub stale_after: Duration,
@@ -194,47 +249,37 @@ pub struct ConditionInputs<'a> {
     pub now: Timestamp,
 }
 
+/// How the operator is told to read reports, for messages.
+pub const ENABLE_REPORTS_HINT: &str = "run the operator with --consumer-reports \
+     (SCG_CONSUMER_REPORTS=true) and the leases list/watch permission; \
+     deploy/components/consumer-reports does both";
+
 /// The `ConsumersUpToDate` condition, or `None` when nothing is asked of consumers (no
-/// agents aggregated and no refusal). A refused restart outranks staleness: it is a
-/// setting to fix. `lastTransitionTime` is kept while the status does not change.
+/// agents aggregated and no refusal). A refused restart outranks the rest: it is a
+/// setting to fix; reports that cannot be read come next. `lastTransitionTime` is kept
+/// while the status does not change.
 pub fn condition(previous: Option<&Condition>, inputs: ConditionInputs<'_>) -> Option<Condition> {
-    let (status, reason, message) = match (inputs.refusal, inputs.status) {
-        (Some(refusal), _) => (
+    let (status, reason, message) = match (inputs.refusal, inputs.unread, inputs.status) {
+        (Some(refusal), _, _) => (
             "False",
             ConditionReason::RestartRefused,
             refusal.to_string(),
         ),
-        (None, None) => return None,
-        (None, Some(s)) if s.stale > 0 => (
-            "False",
-            ConditionReason::StaleConsumers,
+        (None, Some(Unread::Disabled), _) => (
+            "Unknown",
+            ConditionReason::ReportsDisabled,
             format!(
-                "{} of {} reporting pods still serve an older token (or none) more than {}s \
-                 after the current one was stored: {}",
-                s.stale,
-                s.total,
-                inputs.stale_after.as_secs(),
-                names(&s.stale_pods, s.stale)
+                "spec.consumers.agents is set but the operator does not read agent reports: \
+                 {ENABLE_REPORTS_HINT}"
             ),
         ),
-        (None, Some(s)) if s.total == 0 => (
+        (None, Some(Unread::Unavailable(why)), _) => (
             "Unknown",
-            ConditionReason::NoReports,
-            "no token agent reports for this ScgToken (agents label their Lease \
-             scgtoken.io/scgtoken=<ScgToken name>)"
-                .to_string(),
+            ConditionReason::ReportsUnavailable,
+            format!("the agents' report Leases could not be read ({why}): {ENABLE_REPORTS_HINT}"),
         ),
-        (None, Some(s)) => {
-            let switching = s.total - s.current - s.stale;
-            let mut m = format!(
-                "{} of {} reporting pods serve the current token",
-                s.current, s.total
-            );
-            if switching > 0 {
-                m.push_str(&format!("; {switching} switching"));
-            }
-            ("True", ConditionReason::UpToDate, m)
-        }
+        (None, None, None) => return None,
+        (None, None, Some(s)) => aggregate_condition(s, inputs.stale_after),
     };
     let last_transition_time = previous
         .filter(|p| p.status == status)
@@ -250,6 +295,45 @@ pub fn condition(previous: Option<&Condition>, inputs: ConditionInputs<'_>) -> O
     })
 }
 
+/// The condition's status, reason and message for an aggregate.
+fn aggregate_condition(
+    s: &ConsumersStatus,
+    stale_after: Duration,
+) -> (&'static str, ConditionReason, String) {
+    if s.stale > 0 {
+        return (
+            "False",
+            ConditionReason::StaleConsumers,
+            format!(
+                "{} of {} reporting pods still serve an older token (or none) more than {}s \
+                 after the current one was issued: {}",
+                s.stale,
+                s.total,
+                stale_after.as_secs(),
+                names(&s.stale_pods, s.stale)
+            ),
+        );
+    }
+    if s.total == 0 {
+        return (
+            "Unknown",
+            ConditionReason::NoReports,
+            "no token agent reports for this ScgToken (agents label their Lease \
+             scgtoken.io/scgtoken=<ScgToken name>)"
+                .to_string(),
+        );
+    }
+    let switching = s.total - s.current - s.stale;
+    let mut m = format!(
+        "{} of {} reporting pods serve the current token",
+        s.current, s.total
+    );
+    if switching > 0 {
+        m.push_str(&format!("; {switching} switching"));
+    }
+    ("True", ConditionReason::UpToDate, m)
+}
+
 fn names(listed: &[String], total: u32) -> String {
     let mut s = listed.join(", ");
     let more = usize::try_from(total)
@@ -261,28 +345,35 @@ fn names(listed: &[String], total: u32) -> String {
     s
 }
 
+/// Whether a condition is one users are warned about: `False`, or `Unknown` because the
+/// reports cannot be read (a setting to fix). `NoReports` is not: agents may come later.
+fn warns(c: &Condition) -> bool {
+    c.status == "False"
+        || (c.status == "Unknown" && c.reason != ConditionReason::NoReports.as_str())
+}
+
 /// The Event for a change of `ConsumersUpToDate`, if it is one worth telling: turning
-/// `False` (a Warning with the condition's message) and recovering from `False`.
+/// into a warned-about state (a Warning with the condition's message) and recovering
+/// from one.
 pub fn transition_event(previous: Option<&Condition>, next: &Condition) -> Option<Event> {
-    let was_false = previous.is_some_and(|p| p.status == "False");
+    let was_warned = previous.is_some_and(warns);
     let same = previous.is_some_and(|p| p.status == next.status && p.reason == next.reason);
-    match next.status.as_str() {
-        "False" if !same => Some(Event {
+    if warns(next) && !same {
+        return Some(Event {
             type_: EventType::Warning,
             reason: next.reason.clone(),
             note: Some(next.message.clone()),
             action: "CheckConsumers".into(),
             secondary: None,
-        }),
-        "True" if was_false => Some(Event {
-            type_: EventType::Normal,
-            reason: "ConsumersUpToDate".into(),
-            note: Some(next.message.clone()),
-            action: "CheckConsumers".into(),
-            secondary: None,
-        }),
-        _ => None,
+        });
     }
+    (next.status == "True" && was_warned).then(|| Event {
+        type_: EventType::Normal,
+        reason: "ConsumersUpToDate".into(),
+        note: Some(next.message.clone()),
+        action: "CheckConsumers".into(),
+        secondary: None,
+    })
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -736,6 +827,7 @@ mod tests {
             None,
             ConditionInputs {
                 status: Some(&s),
+                unread: None,
                 refusal: None,
                 stale_after: GRACE,
                 generation: Some(3),
@@ -757,6 +849,7 @@ mod tests {
             None,
             ConditionInputs {
                 status,
+                unread: None,
                 refusal,
                 stale_after: GRACE,
                 generation: None,
@@ -802,6 +895,7 @@ mod tests {
         let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
         let inputs = |now| ConditionInputs {
             status: Some(&s),
+            unread: None,
             refusal: None,
             stale_after: GRACE,
             generation: None,
@@ -850,6 +944,87 @@ mod tests {
         assert!(transition_event(Some(&up), &up).is_none());
         assert!(transition_event(None, &up).is_none());
         assert!(transition_event(Some(&up), &unknown).is_none());
+
+        // Reports that cannot be read are a setting to fix: warned about, and recovery told.
+        let disabled = mk("Unknown", "ReportsDisabled");
+        let e = transition_event(Some(&up), &disabled).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str()),
+            (EventType::Warning, "ReportsDisabled")
+        );
+        assert!(transition_event(Some(&disabled), &disabled).is_none());
+        let e = transition_event(Some(&disabled), &up).unwrap();
+        assert_eq!(e.reason, "ConsumersUpToDate");
+        assert!(transition_event(Some(&unknown), &up).is_none());
+    }
+
+    #[test]
+    fn reports_that_cannot_be_read_say_how_to_enable_them() {
+        let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
+        let with = |unread, refusal| {
+            condition(
+                None,
+                ConditionInputs {
+                    status: Some(&s),
+                    unread: Some(unread),
+                    refusal,
+                    stale_after: GRACE,
+                    generation: None,
+                    now: at(1),
+                },
+            )
+            .unwrap()
+        };
+        let c = with(Unread::Disabled, None);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("Unknown", "ReportsDisabled")
+        );
+        for needle in [
+            "--consumer-reports",
+            "SCG_CONSUMER_REPORTS",
+            "consumer-reports",
+        ] {
+            assert!(c.message.contains(needle), "{}", c.message);
+        }
+        let c = with(
+            Unread::Unavailable("the Kubernetes API answered 403 Forbidden"),
+            None,
+        );
+        assert_eq!(c.reason, "ReportsUnavailable");
+        assert!(c.message.contains("403 Forbidden"), "{}", c.message);
+        // A refused restart still outranks it.
+        let c = with(Unread::Disabled, Some("rollout restarts refused"));
+        assert_eq!(c.reason, "RestartRefused");
+    }
+
+    #[test]
+    fn the_next_change_is_the_first_expiry_or_the_first_pod_to_turn_stale() {
+        let look = |t: Timestamp| t + SignedDuration::from_millis(100);
+        // A current pod renewed at 5 (30 s lease): its expiry is the only change ahead.
+        let a = agent("a", Some("new"), 1, 5);
+        assert_eq!(
+            next_change(std::slice::from_ref(&a), current(), GRACE, at(6)),
+            Some(look(at(35)))
+        );
+        // A switching pod turns stale 10 s after the store, before that expiry.
+        let b = agent("b", Some("old"), -50, 5);
+        assert_eq!(
+            next_change(&[a.clone(), b.clone()], current(), GRACE, at(6)),
+            Some(look(at(10)))
+        );
+        // Once it is stale only expiries are ahead.
+        assert_eq!(
+            next_change(&[a.clone(), b], current(), GRACE, at(11)),
+            Some(look(at(35)))
+        );
+        // Dead agents have nothing ahead; nor does an empty list.
+        assert_eq!(next_change(&[a], current(), GRACE, at(36)), None);
+        assert_eq!(next_change(&[], current(), GRACE, at(0)), None);
+        // Waking then sees the change.
+        let b = agent("b", Some("old"), -50, 5);
+        let s = aggregate(&[b], current(), GRACE, look(at(10)));
+        assert_eq!(s.stale_pods, ["b"]);
     }
 
     #[test]

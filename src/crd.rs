@@ -150,12 +150,14 @@ pub struct ConsumersSpec {
     /// `status.consumers` and the `ConsumersUpToDate` condition. Each agent reports, in a
     /// Lease of its own labelled `scgtoken.io/scgtoken: <this ScgToken's name>` in this
     /// namespace, the fingerprint of the token its pod serves. An agent whose Lease is not
-    /// renewed drops out. Default `false`.
+    /// renewed drops out. Needs the operator's `--consumer-reports` and leases list/watch
+    /// (`deploy/components/consumer-reports` sets both); without them `ConsumersUpToDate`
+    /// is `Unknown` with reason `ReportsDisabled`. Default `false`.
     #[serde(default)]
     pub agents: bool,
 
-    /// How long after a new token was stored a reporting pod may still serve the previous
-    /// one before it counts as stale, e.g. `10s`. A stale pod sets `ConsumersUpToDate` to
+    /// How long after the refresh that issued the current token (`status.lastRefreshAt`) a
+    /// reporting pod may still serve the previous one before it counts as stale, e.g. `10s`. A stale pod sets `ConsumersUpToDate` to
     /// `False` with its name. A Go duration of whole hours, minutes and seconds; default
     /// `10s`; between `1s` and `10m`.
     #[serde(default = "default_stale_after")]
@@ -167,8 +169,9 @@ pub struct ConsumersSpec {
     /// agent, e.g. `{matchLabels: {app: messaging-client}}`. After each new token the
     /// operator sets the annotation `scgtoken.io/nudged-for` on every matching pod, which
     /// makes the kubelet update the pod's Secret volumes within seconds instead of on its
-    /// next periodic sync (up to about 90 s). Needs the operator's optional pods
-    /// list/watch/patch permission (`deploy/components/consumer-nudge`). An empty selector
+    /// next periodic sync (up to about 90 s). Tried once per token; a failure is a Warning
+    /// Event (`NudgeFailed`) and never holds back the token. Needs the operator's optional
+    /// pods list/patch permission (`deploy/components/consumer-nudge`). An empty selector
     /// (matching every pod) is refused. Unset by default: no pod is touched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("podSelector must not be empty: it would match every pod in the namespace"))]
@@ -181,7 +184,9 @@ pub struct ConsumersSpec {
     /// the `ConsumersUpToDate` condition saying why, when tokens live less than 10 minutes
     /// or are refreshed more often than every 5 minutes: the workload would be rolling all
     /// the time, and its pods would hold a dead token for the length of every rollout.
-    /// Needs the optional permission in `deploy/components/rollout-restart`. At most 20.
+    /// Each restart is a `RolloutRestarted` Event; a failed one a `RestartFailed` Warning,
+    /// tried again 30 s later. Needs the optional permission in
+    /// `deploy/components/rollout-restart`. At most 20.
     /// Empty by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
@@ -335,7 +340,7 @@ pub struct ScgTokenStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_refresh_request: Option<String>,
     /// Which reporting pods serve the current token. Set only with
-    /// `spec.consumers.agents`.
+    /// `spec.consumers.agents`, when the operator reads reports (`--consumer-reports`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumers: Option<ConsumersStatus>,
 }
@@ -351,15 +356,15 @@ pub struct ConsumersStatus {
     /// Of those, pods serving the current token (the fingerprint in `tokenFingerprint`).
     pub current: u32,
     /// Of those, pods still serving another token (or none) longer than
-    /// `spec.consumers.staleAfter` after the current one was stored. Pods still within
+    /// `spec.consumers.staleAfter` after the current one was issued. Pods still within
     /// that grace count neither as current nor as stale.
     pub stale: u32,
     /// Names of the stale pods, sorted, at most 10.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale_pods: Vec<String>,
-    /// Seconds from storing the current token to the last reporting pod serving it,
-    /// counting only pods that were running when it was stored. Unset until one has
-    /// switched.
+    /// Seconds from the refresh call that issued the current token (`lastRefreshAt`, to
+    /// the millisecond) to the last reporting pod serving it, counting only pods that were
+    /// running then. Unset until one has switched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slowest_switch_seconds: Option<f64>,
 }

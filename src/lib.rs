@@ -70,6 +70,9 @@ pub struct Config {
     pub clock: Arc<dyn policy::Clock>,
     /// Most refresh calls across all ScgTokens; `None` sets no limit.
     pub max_refresh_rate: Option<budget::Rate>,
+    /// Watch the token agents' report Leases for `spec.consumers.agents` (needs leases
+    /// list/watch).
+    pub consumer_reports: bool,
 }
 
 /// Runs the operator until `shutdown` resolves: then starts no new refresh, lets the one
@@ -126,7 +129,7 @@ pub async fn run(
         closing.close();
     });
     let (tokens, tokens_writer) = reflector::store();
-    let ctx = reconcile::Context::new(reconcile::Deps {
+    let (ctx, leases) = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
         token_api: config.token_api,
         clock: config.clock,
@@ -135,13 +138,16 @@ pub async fn run(
         leadership,
         allow_insecure: config.allow_insecure,
         tokens,
-    });
-    let ctx = Arc::new(ctx.with_budget(budget));
+    })
+    .with_budget(budget)
+    .with_consumer_reports(config.consumer_reports);
+    let ctx = Arc::new(ctx);
     let ready = state.clone();
     use futures::StreamExt;
     reconcile::controller(
         ctx.clone(),
         tokens_writer,
+        leases,
         config.namespace.as_deref(),
         stopped(),
         move || {

@@ -71,6 +71,10 @@ struct RunArgs {
     /// Refresh calls that may go at once within --max-refresh-rate.
     #[arg(long, env = "SCG_REFRESH_BURST", default_value_t = 100)]
     refresh_burst: u32,
+    /// Read the token agents' report Leases for ScgTokens with `spec.consumers.agents`
+    /// (needs leases list/watch: deploy/components/consumer-reports).
+    #[arg(long, env = "SCG_CONSUMER_REPORTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    consumer_reports: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -174,6 +178,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         token_api: Arc::new(token_api),
         clock: Arc::new(policy::SystemClock),
         max_refresh_rate,
+        consumer_reports: args.consumer_reports,
     };
     scg_token_operator::run(client, config, shutdown_signal())
         .await

@@ -147,6 +147,8 @@ pub struct Metrics {
     pub refreshes_waiting: Gauge,
     pub budget_waits: Counter,
     pub budget_pauses: Counter,
+    /// `scgtoken_consumers{namespace,name,state}`.
+    pub consumers: crate::consumers::ConsumerMetrics,
 }
 
 impl Metrics {
@@ -168,6 +170,7 @@ impl Metrics {
             refreshes_waiting: Gauge::default(),
             budget_waits: Counter::default(),
             budget_pauses: Counter::default(),
+            consumers: crate::consumers::ConsumerMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("scgtoken");
         r.register(
@@ -254,6 +257,7 @@ impl Metrics {
         self.next_refresh.remove(labels);
         self.ready.remove(labels);
         self.consecutive_failures.remove(labels);
+        self.consumers.forget(&labels.namespace, &labels.name);
     }
 }
 

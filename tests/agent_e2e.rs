@@ -674,6 +674,7 @@ async fn a_frozen_agent_turns_stale_then_current_again_and_a_dead_one_drops_out(
             let status = consumers::aggregate(&reports(&client).await, token, grace, now);
             let inputs = ConditionInputs {
                 status: Some(&status),
+                unread: None,
                 refusal: None,
                 stale_after: grace,
                 generation: None,

@@ -486,7 +486,7 @@ fn consumer_components_grant_the_operator_only_what_their_feature_needs() {
     };
     assert_eq!(
         added_operator_rules("consumer-nudge"),
-        set("", &["pods"], &["list", "watch", "patch"])
+        set("", &["pods"], &["list", "patch"])
     );
     assert_eq!(
         added_operator_rules("rollout-restart"),
@@ -498,11 +498,7 @@ fn consumer_components_grant_the_operator_only_what_their_feature_needs() {
     );
     assert_eq!(
         added_operator_rules("consumer-reports"),
-        set(
-            "coordination.k8s.io",
-            &["leases"],
-            &["get", "list", "watch"]
-        )
+        set("coordination.k8s.io", &["leases"], &["list", "watch"])
     );
     // None of it is in the base.
     let base = render("base-only", "resources: [../deploy/base]\n", &[]);
@@ -515,4 +511,54 @@ fn consumer_components_grant_the_operator_only_what_their_feature_needs() {
         !all.iter()
             .any(|(_, r, _, _)| r == "pods" || r == "deployments")
     );
+}
+
+/// The operator container's environment in a rendered install, as (name, value).
+fn operator_env(objs: &[Value]) -> Vec<(String, String)> {
+    let deploy = objs
+        .iter()
+        .find(|o| get(o, "kind") == "Deployment" && get(o, "metadata.name") == "scg-token-operator")
+        .expect("the operator's Deployment");
+    let container = seq(get(deploy, "spec.template.spec.containers"))
+        .iter()
+        .find(|c| get(c, "name") == "operator")
+        .expect("the operator container");
+    seq(get(container, "env"))
+        .iter()
+        .map(|e| {
+            (
+                s(e, "name").to_string(),
+                get(e, "value").as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_consumer_reports_component_turns_the_lease_watch_on() {
+    if !require_kubectl("the_consumer_reports_component_turns_the_lease_watch_on") {
+        return;
+    }
+    let on = ("SCG_CONSUMER_REPORTS".to_string(), "true".to_string());
+    let with = render(
+        "reports-on",
+        "resources: [../deploy/base]\ncomponents: [../deploy/components/consumer-reports]\n",
+        &[],
+    );
+    let env = operator_env(&with);
+    assert!(env.contains(&on), "{env:?}");
+    assert!(
+        env.iter().any(|(n, _)| n == "POD_NAME"),
+        "the patch replaced the base's environment: {env:?}"
+    );
+    let base = render("reports-off", "resources: [../deploy/base]\n", &[]);
+    assert!(!operator_env(&base).iter().any(|(n, _)| n == &on.0));
+    // The variable is the one the binary reads.
+    let out = Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+        .args(["run", "--help"])
+        .output()
+        .expect("run the binary");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("--consumer-reports"), "{help}");
+    assert!(help.contains("env: SCG_CONSUMER_REPORTS="), "{help}");
 }

@@ -73,19 +73,24 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         "refreshBefore must be shorter than validity",
     ),
     (
-        "empty consumer pod selector",
+        "staleAfter below 1s",
+        r#"{"consumers": {"agents": true, "staleAfter": "0s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "staleAfter above 10m",
+        r#"{"consumers": {"agents": true, "staleAfter": "10m1s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "podSelector matching every pod",
         r#"{"consumers": {"podSelector": {}}}"#,
         "podSelector must not be empty: it would match every pod in the namespace",
     ),
     (
-        "consumer staleAfter below 1s",
-        r#"{"consumers": {"staleAfter": "0s"}}"#,
-        "staleAfter must be between 1s and 10m",
-    ),
-    (
-        "consumer staleAfter above 10m",
-        r#"{"consumers": {"staleAfter": "11m"}}"#,
-        "staleAfter must be between 1s and 10m",
+        "podSelector with empty lists",
+        r#"{"consumers": {"podSelector": {"matchLabels": {}, "matchExpressions": []}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
     ),
 ];
 
@@ -104,7 +109,11 @@ const GOOD_SPECS: &[(&str, &str)] = &[
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
     (
         "consumers at their bounds",
-        r#"{"consumers": {"podSelector": {"matchLabels": {"app": "x"}}, "staleAfter": "10m"}}"#,
+        r#"{"consumers": {"agents": true, "staleAfter": "1s", "podSelector": {"matchLabels": {"app": "a"}}}}"#,
+    ),
+    (
+        "longest staleAfter, selector by expression",
+        r#"{"consumers": {"staleAfter": "10m", "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}}"#,
     ),
 ];
 

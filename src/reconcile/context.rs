@@ -5,15 +5,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
-    runtime::{events::Recorder, reflector::Store},
+    runtime::{
+        events::Recorder,
+        reflector::{self, Store, store::Writer},
+    },
 };
 use tracing::{Instrument, info_span, warn};
 
 use super::{
     act,
+    consumers::ReportCache,
     memory::{Key, Memory},
 };
 use crate::{
@@ -42,6 +46,8 @@ pub struct Context {
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
     pub(super) tokens: Store<ScgToken>,
     pub(super) memory: Memory,
+    /// The token agents' reports (`--consumer-reports`).
+    pub(super) reports: Arc<ReportCache>,
 }
 
 /// What a [`Context`] is built from.
@@ -86,12 +92,25 @@ impl Context {
             budget,
             tokens,
             memory: Memory::default(),
+            reports: Arc::default(),
         }
     }
 
     /// The same context, its refresh calls sharing `budget`.
     pub fn with_budget(self, budget: Budget) -> Self {
         Context { budget, ..self }
+    }
+
+    /// With `on`, aggregates the token agents' reports from a cache of their Leases, and
+    /// returns the writer that fills it ([`controller`](super::controller) feeds it from a
+    /// Lease watch). Without, `spec.consumers.agents` says that reports are disabled.
+    pub fn with_consumer_reports(mut self, on: bool) -> (Self, Option<Writer<Lease>>) {
+        if !on {
+            return (self, None);
+        }
+        let (leases, writer) = reflector::store();
+        self.reports = Arc::new(ReportCache::new(leases));
+        (self, Some(writer))
     }
 
     /// The oldest other ScgToken in the same namespace that uses the same credentials

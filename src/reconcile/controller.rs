@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api,
     core::PartialObjectMeta,
@@ -15,7 +15,7 @@ use kube::{
 };
 use tracing::warn;
 
-use super::{Context, error_policy, reconcile};
+use super::{Context, consumers, error_policy, reconcile};
 use crate::crd::ScgToken;
 
 /// The ScgTokens in `store` that name `secret` (as credentials, headers or target).
@@ -41,17 +41,24 @@ fn referencing(
 }
 
 /// The controller: ScgTokens, plus a metadata-only watch of Secrets (never their data)
-/// mapped to the ScgTokens that reference them. `tokens` fills the context's ScgToken
-/// cache. Runs until `shutdown` resolves, letting in-flight reconciles (and so any
-/// refresh and its Secret write) finish.
+/// mapped to the ScgTokens that reference them, and with `leases` (the writer of the
+/// cache given to [`Context::with_consumer_reports`]) a watch of the token agents'
+/// report Leases. `tokens` fills the context's ScgToken cache. Runs until `shutdown`
+/// resolves, letting in-flight reconciles (and so any refresh and its Secret write)
+/// finish.
 pub fn controller(
     ctx: Arc<Context>,
     tokens: Writer<ScgToken>,
+    leases: Option<Writer<Lease>>,
     namespace: Option<&str>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ready: impl FnOnce() + Send + 'static,
 ) -> impl Stream<Item = ()> {
     let client = ctx.client.clone();
+    let lease_api: Api<Lease> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let (token_api, secrets): (Api<ScgToken>, Api<PartialObjectMeta<Secret>>) = match namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
@@ -79,6 +86,10 @@ pub fn controller(
         .default_backoff()
         .touched_objects();
     let mut ctrl = ctrl.watches_stream(secret_events, move |s| referencing(&store, &s));
+    if let Some(writer) = leases {
+        let changes = consumers::report_changes(lease_api, writer, ctx.reports.clone());
+        ctrl = ctrl.watches_stream(changes, consumers::scgtoken_of);
+    }
     if let Some(mut rx) = ctx.leadership.changes() {
         let became_leader = async_stream(move |tx| async move {
             while rx.changed().await.is_ok() {

@@ -44,6 +44,10 @@ struct Entry {
     handled_request: Option<String>,
     /// When the last `Refreshed` Event was published.
     refreshed_event_at: Option<Timestamp>,
+    /// Fingerprint of the token the consumers were last nudged for.
+    nudged_for: Option<String>,
+    /// Fingerprint of the token every rollout-restart target was last handled for.
+    restarted_for: Option<String>,
 }
 
 /// One entry per ScgToken, behind one lock.
@@ -117,6 +121,26 @@ impl Memory {
             .entry(key.clone())
             .or_default()
             .refreshed_event_at = Some(at);
+    }
+
+    /// Fingerprint of the token the pods were last nudged for (attempted: a nudge is
+    /// tried once per token, since the kubelet's periodic sync follows anyway).
+    pub fn nudged_for(&self, key: &Key) -> Option<String> {
+        self.entries().get(key)?.nudged_for.clone()
+    }
+
+    pub fn set_nudged_for(&self, key: &Key, fingerprint: &str) {
+        self.entries().entry(key.clone()).or_default().nudged_for = Some(fingerprint.into());
+    }
+
+    /// Fingerprint of the token every rollout-restart target was handled for (restarted,
+    /// already restarted, or absent).
+    pub fn restarted_for(&self, key: &Key) -> Option<String> {
+        self.entries().get(key)?.restarted_for.clone()
+    }
+
+    pub fn set_restarted_for(&self, key: &Key, fingerprint: &str) {
+        self.entries().entry(key.clone()).or_default().restarted_for = Some(fingerprint.into());
     }
 
     /// Forgets an ScgToken that is gone or no longer ours, except a token it still has

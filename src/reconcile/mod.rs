@@ -7,7 +7,9 @@
 //! 4. `act.rs`: the writes the chosen footing implies, a turn in the shared rate budget
 //!    ([`crate::budget`]), the refresh call, the store;
 //! 5. `outcome.rs`: pure, from what happened to status, Events and the next wake-up;
-//! 6. `publish.rs`: the one function that writes status and Events.
+//! 6. `publish.rs`: the one function that writes status and Events; before it,
+//!    `consumers.rs` makes the writes a stored token asks for of its consumers (nudges,
+//!    restarts) and adds their part (the agents' reports, aggregated) to the outcome.
 //!
 //! `memory.rs` keeps one entry per ScgToken between passes; [`controller`] wires the
 //! watches.
@@ -23,6 +25,7 @@ use kube::{Api, ResourceExt, runtime::controller::Action};
 use tracing::{Instrument, info, info_span, warn};
 
 mod act;
+mod consumers;
 mod context;
 mod controller;
 mod memory;
@@ -118,6 +121,8 @@ struct Pass<'a> {
     now: Timestamp,
     /// Status as read.
     prev: ScgTokenStatus,
+    /// The agents' reports, from the Lease cache as the pass started.
+    reports: consumers::Reports,
 }
 
 /// A refresh a pass is about to make.
@@ -142,6 +147,7 @@ impl<'a> Pass<'a> {
             key,
             now: ctx.clock.now(),
             prev: obj.status.clone().unwrap_or_default(),
+            reports: consumers::read_reports(&ctx.reports, obj),
         }
     }
 

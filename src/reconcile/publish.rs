@@ -16,9 +16,14 @@ use tracing::warn;
 
 use super::{
     Pass,
+    consumers::earliest,
     outcome::{self, Happened, Outcome, Prior},
 };
-use crate::{crd::ScgToken, k8s, report::TokenLabels};
+use crate::{
+    crd::{ScgToken, ScgTokenStatus},
+    k8s,
+    report::TokenLabels,
+};
 
 /// Field manager of the operator's status writes.
 pub const FIELD_MANAGER: &str = "scg-token-operator";
@@ -42,9 +47,10 @@ impl Pass<'_> {
         outcome::outcome(&prior, happened, self.now)
     }
 
-    /// Updates the metrics, writes status if its serialized form changed, publishes the
-    /// Events, and turns the wake-up into the controller's Action.
-    pub(super) async fn publish(&self, out: Outcome) -> Action {
+    /// Updates the metrics, adds the consumers' part (after the writes it asks for),
+    /// writes status if its serialized form changed, publishes the Events, and turns the
+    /// wake-up into the controller's Action.
+    pub(super) async fn publish(&self, mut out: Outcome) -> Action {
         if out.refreshed_event {
             self.ctx.memory.set_refreshed_event_at(&self.key, self.now);
         }
@@ -59,47 +65,23 @@ impl Pass<'_> {
             out.reason.is_ready(),
             out.status.consecutive_failures,
         );
-        let mut wake = out.wake;
-        // Compare as serialized: Kubernetes times have whole-second precision, so an
-        // instant computed to the millisecond equals its stored form only this way.
-        if serde_json::to_value(&out.status).ok() != serde_json::to_value(&self.prev).ok() {
-            let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
-            let patch = serde_json::json!({
-                "apiVersion": ScgToken::api_version(&()),
-                "kind": ScgToken::kind(&()),
-                "status": out.status,
-            });
-            let written = k8s::bounded(api.patch_status(
-                &self.key.name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            ))
-            .await;
-            if let Err(e) = written {
-                // The schedule computed here still holds (a back-off is not cut short);
-                // without one, try again soon so the status catches up.
-                warn!(error = %k8s::describe(&e), "could not write status");
-                wake = wake.or(Some(self.now + SignedDuration::from_secs(5)));
-            }
+        let consumers = self.consumers(&out).await;
+        out.status.consumers = consumers.status;
+        out.status.conditions.extend(consumers.condition);
+        let mut wake = earliest(out.wake, consumers.wake);
+        if !self.write_status(&out.status).await {
+            // The schedule computed here still holds (a back-off is not cut short);
+            // without one, try again soon so the status catches up.
+            wake = wake.or(Some(self.now + SignedDuration::from_secs(5)));
         }
-        let reference = self.obj.object_ref(&());
-        for notice in out.events {
-            // A Warning marks the turn to a failure: the log says so too, once, in the
-            // same words (they name Secrets and keys, never values).
-            if notice.type_ == EventType::Warning {
-                warn!(reason = notice.reason, message = %notice.note, "not ready");
-            }
-            let event = Event {
-                type_: notice.type_,
-                reason: notice.reason.into(),
-                note: Some(notice.note),
-                action: "Refresh".into(),
-                secondary: None,
-            };
-            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
-                warn!(error = %e, reason = notice.reason, "could not publish an Event");
-            }
-        }
+        let events = out.events.into_iter().map(|notice| Event {
+            type_: notice.type_,
+            reason: notice.reason.into(),
+            note: Some(notice.note),
+            action: "Refresh".into(),
+            secondary: None,
+        });
+        self.publish_events(events.chain(consumers.events)).await;
         match wake {
             Some(at) => Action::requeue(
                 self.ctx
@@ -110,6 +92,47 @@ impl Pass<'_> {
                     .unwrap_or(Duration::ZERO),
             ),
             None => Action::await_change(),
+        }
+    }
+
+    /// Writes `status` unless its serialized form is what the pass read. Whether status
+    /// is as wanted.
+    async fn write_status(&self, status: &ScgTokenStatus) -> bool {
+        // Compare as serialized: Kubernetes times have whole-second precision, so an
+        // instant computed to the millisecond equals its stored form only this way.
+        if serde_json::to_value(status).ok() == serde_json::to_value(&self.prev).ok() {
+            return true;
+        }
+        let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": ScgToken::api_version(&()),
+            "kind": ScgToken::kind(&()),
+            "status": status,
+        });
+        let written = k8s::bounded(api.patch_status(
+            &self.key.name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        ))
+        .await;
+        if let Err(e) = &written {
+            warn!(error = %k8s::describe(e), "could not write status");
+        }
+        written.is_ok()
+    }
+
+    async fn publish_events(&self, events: impl Iterator<Item = Event>) {
+        let reference = self.obj.object_ref(&());
+        for event in events {
+            // A Warning marks a turn for the worse: the log says so too, once, in the
+            // same words (they name Secrets and keys, never values).
+            if event.type_ == EventType::Warning {
+                let message = event.note.as_deref().unwrap_or_default();
+                warn!(reason = %event.reason, message, "warning");
+            }
+            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+                warn!(error = %e, reason = %event.reason, "could not publish an Event");
+            }
         }
     }
 }

@@ -116,18 +116,7 @@ pub async fn run(
         controller: "scg-token-operator".into(),
         instance: Some(config.identity.clone()),
     };
-    let budget = budget::Budget::new(
-        config.max_refresh_rate,
-        Arc::new(budget::TokioTimer),
-        &metrics,
-    );
-    // Refreshes waiting for their turn end at shutdown instead of starting a call.
-    let closing = budget.clone();
-    let shutting_down = stopped();
-    tokio::spawn(async move {
-        shutting_down.await;
-        closing.close();
-    });
+    let budget = refresh_budget(config.max_refresh_rate, &metrics, stopped());
     let (tokens, tokens_writer) = reflector::store();
     let (ctx, leases) = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
@@ -165,6 +154,22 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The budget every refresh call waits on. Refreshes still waiting when `stopped`
+/// resolves end instead of starting a call.
+fn refresh_budget(
+    rate: Option<budget::Rate>,
+    metrics: &report::Metrics,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> budget::Budget {
+    let budget = budget::Budget::new(rate, Arc::new(budget::TokioTimer), metrics);
+    let closing = budget.clone();
+    tokio::spawn(async move {
+        stopped.await;
+        closing.close();
+    });
+    budget
 }
 
 /// Joins the leader election, if there is one; `released` ends the election task's hold

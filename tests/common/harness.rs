@@ -262,6 +262,12 @@ impl Env {
                     .replace(secret.as_str(), "<SECRET>")
             );
         }
+        self.close().await;
+    }
+
+    /// Ends a test that started no operator through [`Env::operator`] (so there are no
+    /// logs to check): removes the namespace a real-cluster run created.
+    pub async fn close(self) {
         if self.api.is_none() {
             let nss: Api<Namespace> = Api::all(self.client.clone());
             let _ = nss.delete(&self.namespace, &DeleteParams::default()).await;

@@ -74,6 +74,26 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         r#"{"refreshBefore": "25h"}"#,
         "refreshBefore must be shorter than validity",
     ),
+    (
+        "empty podSelector",
+        r#"{"consumers": {"podSelector": {}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
+    ),
+    (
+        "podSelector with empty matchLabels and matchExpressions",
+        r#"{"consumers": {"podSelector": {"matchLabels": {}, "matchExpressions": []}}}"#,
+        "podSelector must not be empty: it would match every pod in the namespace",
+    ),
+    (
+        "staleAfter below 1s",
+        r#"{"consumers": {"staleAfter": "0s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
+    (
+        "staleAfter above 10m",
+        r#"{"consumers": {"staleAfter": "10m1s"}}"#,
+        "staleAfter must be between 1s and 10m",
+    ),
 ];
 
 /// Specs at the edges of every rule, which must all be admitted: without them a server
@@ -89,6 +109,14 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"timeout": "2m", "validity": "8760h", "refreshBefore": "8759h59m59s"}"#,
     ),
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
+    (
+        "consumers at their bounds",
+        r#"{"consumers": {"staleAfter": "1s", "podSelector": {"matchLabels": {"app": "a"}}}}"#,
+    ),
+    (
+        "consumers, other bounds",
+        r#"{"consumers": {"staleAfter": "10m", "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]}}}"#,
+    ),
 ];
 
 fn manifest_crd() -> CustomResourceDefinition {

@@ -6,11 +6,12 @@
 // skipped. Elsewhere a missing kubectl makes the test ignored, which the test summary
 // counts, rather than a silent pass.
 //
-// The root package's build script includes this file, so both packages decide alike.
+// The root package's build script includes this file as a module and calls `main`, so
+// both packages decide alike.
 
 use std::path::Path;
 
-fn main() {
+pub fn main() {
     println!("cargo::rustc-check-cfg=cfg(kubectl)");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=CI");

@@ -554,7 +554,7 @@ async fn request_refresh(env: &Env, name: &str) -> String {
 
 /// Fails every Secret write (`times` > 0) or lets them through again (`times` == 0).
 fn fail_secret_writes(env: &Env, times: u32) {
-    let faults = env.api.as_ref().unwrap().faults();
+    let faults = env.test_server().faults();
     faults.fail_next("update", "secrets", times, 503);
     faults.fail_next("create", "secrets", times, 503);
 }
@@ -589,13 +589,16 @@ async fn stored_from(env: &Env, held: &str) -> String {
 /// Scenario 6: the Kubernetes API fails the Secret write of a refresh. The new token is
 /// held in memory, nothing refreshes it meanwhile, and it lands in the Secret once the
 /// API takes writes again.
+///
+/// Stays on the in-memory server: only its fault injection can fail the Secret writes
+/// of one namespace, for as long as the test wants, while everything else works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    real_cluster,
+    ignore = "needs the in-memory test server: fault injection / request counters"
+)]
 async fn failing_secret_writes_hold_the_new_token_in_memory() {
     let env = Env::start(sim_config(30)).await;
-    if env.needs_test_server("failing_secret_writes_hold_the_new_token_in_memory") {
-        env.skip().await;
-        return;
-    }
     let (_op, first) = settled_chain(&env).await;
 
     fail_secret_writes(&env, 1000);
@@ -635,16 +638,18 @@ async fn failing_secret_writes_hold_the_new_token_in_memory() {
 /// Scenario 6, whole-server variant: the API server answers nothing but 503 (and drops
 /// its watches) from while the refresh call is in flight until 2 s after the new token
 /// was issued.
+///
+/// Stays on the in-memory server: the outage is timed by its request counters (it starts
+/// once the refresh pass has read its Secrets) and made by its fault injection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    real_cluster,
+    ignore = "needs the in-memory test server: fault injection / request counters"
+)]
 async fn an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory() {
     let env = Env::start(sim_config(30)).await;
-    if env.needs_test_server("an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory")
-    {
-        env.skip().await;
-        return;
-    }
-    let faults = env.api.as_ref().unwrap().faults();
-    let counters = env.api.as_ref().unwrap().counters();
+    let faults = env.test_server().faults();
+    let counters = env.test_server().counters();
     let (_op, first) = settled_chain(&env).await;
 
     // The refresh call takes 2 s; the outage starts once the pass has read the target
@@ -699,13 +704,16 @@ async fn an_api_server_outage_during_a_refresh_holds_the_new_token_in_memory() {
 /// While a new token cannot be stored, status must not keep saying Refreshed: the target
 /// Secret holds a token that the refresh just revoked. The operator reports this state
 /// as Ready False, reason Pending.
+///
+/// Stays on the in-memory server: only its fault injection can keep the Secret writes
+/// failing while status writes go through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    real_cluster,
+    ignore = "needs the in-memory test server: fault injection / request counters"
+)]
 async fn a_new_token_that_cannot_be_stored_is_reported_as_pending() {
     let env = Env::start(sim_config(30)).await;
-    if env.needs_test_server("a_new_token_that_cannot_be_stored_is_reported_as_pending") {
-        env.skip().await;
-        return;
-    }
     let (_op, first) = settled_chain(&env).await;
 
     fail_secret_writes(&env, 100_000);
@@ -765,6 +773,16 @@ async fn kubectl(env: &Env, args: &[&str], stdin: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout
+}
+
+/// The rows of the Events table in `kubectl describe` output (none for `Events: <none>`).
+fn described_events(out: &str) -> Vec<&str> {
+    out.lines()
+        .skip_while(|l| !l.starts_with("Events:"))
+        .skip(1)
+        .take_while(|l| l.starts_with(' '))
+        .filter(|l| !l.trim_start().starts_with("Type") && !l.trim_start().starts_with("----"))
+        .collect()
 }
 
 fn example(file: &str) -> String {
@@ -877,6 +895,28 @@ async fn kubectl_drives_the_examples_end_to_end() {
     let expires: jiff::Timestamp = row[3].parse().expect("EXPIRES is a time");
     let next: jiff::Timestamp = row[4].parse().expect("NEXT REFRESH is a time");
     assert!(next < expires, "{table}");
+
+    // The operator's Events (events.k8s.io/v1) under the ScgToken, as a user looks for
+    // them: kubectl describe finds them through core/v1 by their `involvedObject`.
+    let described = env
+        .eventually("kubectl describe to list the Refreshed Event", || async {
+            let out = kubectl(&env, &["describe", "scgtoken", "messaging"], None).await;
+            let events = described_events(&out);
+            events
+                .iter()
+                .any(|l| {
+                    l.split_whitespace().take(2).eq(["Normal", "Refreshed"])
+                        && l.contains("scg-token-operator")
+                })
+                .then_some(out)
+        })
+        .await;
+    let mut planted = env.sim.issued_tokens();
+    planted.extend([seed.clone(), CONSUMER_SECRET.to_string()]);
+    assert!(
+        planted.iter().all(|s| !described.contains(s.as_str())),
+        "kubectl describe shows a secret"
+    );
 
     let yaml = kubectl(
         &env,

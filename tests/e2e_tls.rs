@@ -334,7 +334,7 @@ async fn a_bad_ca_bundle_stops_the_operator_at_start() {
         assert!(stderr.contains(&format!("CA bundle {path}")), "{stderr}");
         assert!(stderr.contains(why), "{stderr}");
     }
-    env.skip().await;
+    env.close().await;
 }
 
 /// Run from a kubeconfig, the Kubernetes client takes HTTPS_PROXY too; a scheme it
@@ -347,5 +347,5 @@ async fn an_unusable_proxy_is_refused_without_showing_its_credentials() {
     assert!(!ok, "{stderr}");
     assert!(stderr.contains("does not support"), "{stderr}");
     assert_proxy_credentials_not_shown(&stderr, PROXY_PASSWORD);
-    env.skip().await;
+    env.close().await;
 }

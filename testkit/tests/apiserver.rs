@@ -967,3 +967,82 @@ async fn event_recorder_creates_then_patches_series() {
     assert_eq!(server.counters().get("create", "events.k8s.io/events"), 1);
     assert_eq!(server.counters().get("patch", "events.k8s.io/events"), 1);
 }
+
+/// As in a real cluster, an events.k8s.io/v1 Event is also a core/v1 Event: kubectl
+/// describe finds an object's Events through core/v1 by `involvedObject` fields.
+#[tokio::test]
+async fn events_k8s_io_events_are_served_as_core_events() {
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    let server = ApiServer::start().await.expect("start");
+    let client = server.client();
+    let v1: Api<K8sEvent> = Api::default_namespaced(client.clone());
+    let core: Api<CoreEvent> = Api::default_namespaced(client.clone());
+    let event = |name: &str, about: &str, note: &str| -> K8sEvent {
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "eventTime": "2026-01-02T03:04:05.000000Z",
+            "reportingController": "testkit-test",
+            "reportingInstance": "testkit-test-1",
+            "action": "Refresh",
+            "reason": "Refreshed",
+            "type": "Normal",
+            "regarding": {"kind": "ScgToken", "name": about, "namespace": "default", "uid": format!("uid-{about}")},
+            "note": note,
+        }))
+        .expect("an events.k8s.io Event")
+    };
+    v1.create(
+        &PostParams::default(),
+        &event("a.1", "a", "token refreshed"),
+    )
+    .await
+    .unwrap();
+    v1.create(&PostParams::default(), &event("b.1", "b", "other"))
+        .await
+        .unwrap();
+
+    // kubectl describe's query.
+    let selector = "involvedObject.kind=ScgToken,involvedObject.name=a,\
+                    involvedObject.namespace=default,involvedObject.uid=uid-a";
+    let found = core
+        .list(&ListParams::default().fields(selector))
+        .await
+        .unwrap();
+    assert_eq!(found.items.len(), 1, "{:?}", found.items);
+    let e = &found.items[0];
+    assert_eq!(e.message.as_deref(), Some("token refreshed"));
+    assert_eq!(e.reporting_component.as_deref(), Some("testkit-test"));
+    assert_eq!(e.involved_object.name.as_deref(), Some("a"));
+
+    // A change through one API is seen through the other, each in its own shape.
+    core.patch(
+        "a.1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"message": "changed", "count": 3})),
+    )
+    .await
+    .unwrap();
+    let back = v1.get("a.1").await.unwrap();
+    assert_eq!(back.note.as_deref(), Some("changed"));
+    assert_eq!(back.deprecated_count, Some(3));
+    assert_eq!(back.regarding.and_then(|r| r.name).as_deref(), Some("a"));
+    let by_regarding = v1
+        .list(&ListParams::default().fields("regarding.name=b"))
+        .await
+        .unwrap();
+    assert_eq!(by_regarding.items.len(), 1);
+    assert_eq!(by_regarding.items[0].note.as_deref(), Some("other"));
+
+    v1.delete("b.1", &DeleteParams::default()).await.unwrap();
+    let err = core
+        .get("b.1")
+        .await
+        .expect_err("deleted through events.k8s.io");
+    assert_eq!(status_code(&err), Some((404, "NotFound".to_string())));
+    let err = v1.get("b.1").await.expect_err("deleted");
+    let kube::Error::Api(status) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.message, "events.events.k8s.io \"b.1\" not found");
+}

@@ -5,7 +5,8 @@
 //! cluster (kind, k3d, ...): each test then works in a namespace of its own, created and
 //! deleted by the test, and the operator runs on this machine with that kubeconfig (so
 //! it reaches the simulator on 127.0.0.1). Tests that need fault injection or request
-//! counters of the API server print that they are skipped there.
+//! counters of the in-memory server are ignored there (`cfg(real_cluster)`, set by
+//! build.rs from the same variable) and say why.
 #![allow(dead_code)] // Each test binary uses a different part of the harness.
 
 use std::{
@@ -25,7 +26,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, CustomResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use scg_token_operator::crd::{ScgToken, ScgTokenSpec};
 use testkit::{
@@ -46,6 +47,9 @@ pub const UNKNOWN_SEED: &str = "e2e-made-up-seed-token-71c2";
 /// Name of the Lease (the operator's default `--lease-name`).
 pub const LEASE_NAME: &str = "scg-token-operator";
 
+/// The CRD the operator's ScgTokens are declared by.
+pub const CRD_NAME: &str = "scgtokens.scgtoken.io";
+
 /// Upper bound of any wait in these tests; generous for a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -64,7 +68,18 @@ impl Env {
     /// prepares a namespace.
     pub async fn start(sim: SimConfig) -> Env {
         let sim = ScgSimulator::start(sim).await.expect("start simulator");
-        let (api, kubeconfig, client, namespace) = match std::env::var_os("SCG_E2E_KUBECONFIG") {
+        let cluster = std::env::var_os("SCG_E2E_KUBECONFIG").filter(|v| !v.is_empty());
+        let real_cluster = cluster.is_some();
+        assert_eq!(
+            real_cluster,
+            cfg!(real_cluster),
+            "SCG_E2E_KUBECONFIG is {} now but was {} when these tests were built (build.rs \
+             decides which tests need the in-memory server from it): run them through \
+             cargo test",
+            if real_cluster { "set" } else { "unset" },
+            if cfg!(real_cluster) { "set" } else { "unset" },
+        );
+        let (api, kubeconfig, client, namespace) = match cluster {
             Some(path) => {
                 let path = PathBuf::from(path);
                 let kc = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
@@ -93,14 +108,7 @@ impl Env {
                 (Some(api), path, client, "default".to_string())
             }
         };
-        let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-        crds.patch(
-            "scgtokens.scgtoken.io",
-            &PatchParams::apply("scg-e2e").force(),
-            &Patch::Apply(ScgToken::crd()),
-        )
-        .await
-        .expect("install CRD");
+        install_crd(&client, &namespace).await;
         Env {
             api,
             kubeconfig,
@@ -254,25 +262,76 @@ impl Env {
                     .replace(secret.as_str(), "<SECRET>")
             );
         }
-        self.skip().await;
+        self.close().await;
     }
 
-    /// Ends a test that started no operator (a skipped one): removes the namespace a
-    /// real-cluster run created, and nothing else.
-    pub async fn skip(self) {
+    /// Ends a test that started no operator through [`Env::operator`] (so there are no
+    /// logs to check): removes the namespace a real-cluster run created.
+    pub async fn close(self) {
         if self.api.is_none() {
             let nss: Api<Namespace> = Api::all(self.client.clone());
             let _ = nss.delete(&self.namespace, &DeleteParams::default()).await;
         }
     }
 
-    /// Skips (returns true and says so) when running against a real cluster.
-    pub fn needs_test_server(&self, test: &str) -> bool {
-        if self.api.is_none() {
-            eprintln!("SKIPPED {test}: needs the in-memory API server's fault injection");
-            return true;
+    /// The in-memory API server, for a test that needs its fault injection or request
+    /// counters. Such a test is marked
+    /// `#[cfg_attr(real_cluster, ignore = "needs the in-memory test server: ...")]`, so
+    /// against a real cluster it runs only when asked for with `--ignored`, and then
+    /// fails here.
+    pub fn test_server(&self) -> &ApiServer {
+        self.api.as_ref().unwrap_or_else(|| {
+            panic!(
+                "this test needs the in-memory API server (fault injection, request \
+                 counters) and cannot run against the cluster in SCG_E2E_KUBECONFIG"
+            )
+        })
+    }
+}
+
+/// Applies the CRD and returns once ScgTokens can be created. A real API server sets the
+/// CRD's Established condition a moment after the apply, and serves the new resource
+/// (404 "page not found" until then) a moment after that; the in-memory one does both
+/// at once.
+async fn install_crd(client: &kube::Client, namespace: &str) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        CRD_NAME,
+        &PatchParams::apply("scg-e2e").force(),
+        &Patch::Apply(ScgToken::crd()),
+    )
+    .await
+    .expect("install CRD");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let established = crds
+            .get_opt(CRD_NAME)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|c| c.status?.conditions)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+        if established {
+            break;
         }
-        false
+        assert!(
+            Instant::now() < deadline,
+            "CRD {CRD_NAME} not Established after {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tokens: Api<ScgToken> = Api::namespaced(client.clone(), namespace);
+    loop {
+        match tokens.list(&ListParams::default().limit(1)).await {
+            Ok(_) => return,
+            Err(kube::Error::Api(s)) if s.code == 404 && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("ScgTokens not served after the CRD was Established: {e}"),
+        }
     }
 }
 

@@ -53,10 +53,14 @@ type plane struct {
 	servers  []*server
 	// kubeconfig is the admin one handed to the command.
 	kubeconfig string
+	// stableKubeconfig, if set, is where the command's kubeconfig is written instead of
+	// the run's directory; it is removed when the run ends.
+	stableKubeconfig string
 }
 
 func run() int {
 	bin := flag.String("bin", "", "directory holding etcd, kube-apiserver, kube-controller-manager and their versions file")
+	kubeconfig := flag.String("kubeconfig", "", "where to write the command's admin kubeconfig (default: in the run's directory); removed at exit")
 	flag.Parse()
 	command := flag.Args()
 	if *bin == "" || len(command) == 0 {
@@ -80,7 +84,8 @@ func run() int {
 		}
 	}()
 
-	p := &plane{bin: *bin}
+	p := &plane{bin: *bin, stableKubeconfig: *kubeconfig}
+	defer p.removeStableKubeconfig()
 	keep := os.Getenv("SCG_TESTENV_KEEP") != ""
 	started := time.Now()
 	err := p.start(ctx, startTimeout())
@@ -98,7 +103,7 @@ func run() int {
 		p.keepDir()
 		return exitSetup
 	}
-	logf("control plane ready in %.1fs; kubeconfig %s", time.Since(started).Seconds(), p.kubeconfig)
+	logf("control plane ready in %.1fs; kubeconfig %s; kubectl %s first on PATH", time.Since(started).Seconds(), p.kubeconfig, p.versions["kubernetes"])
 
 	// From here the signal goroutine above must stop consuming signals: the command
 	// stage forwards them instead.
@@ -126,6 +131,12 @@ const (
 	// Marks a run's directory as owned by a live launcher; a kept directory has none.
 	pidFile = "launcher.pid"
 )
+
+func (p *plane) removeStableKubeconfig() {
+	if p.stableKubeconfig != "" {
+		_ = os.Remove(p.stableKubeconfig)
+	}
+}
 
 func (p *plane) removeDir() {
 	if p.dir == "" {
@@ -201,6 +212,12 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	p.kubeconfig = filepath.Join(p.dir, "admin.kubeconfig")
 	if err := writeKubeconfig(p.kubeconfig, apiURL, p.pki.servingCA.certPEM(), "scg-testenv-admin", p.pki.admin); err != nil {
 		return err
+	}
+	if p.stableKubeconfig != "" {
+		if err := writeKubeconfig(p.stableKubeconfig, apiURL, p.pki.servingCA.certPEM(), "scg-testenv-admin", p.pki.admin); err != nil {
+			return err
+		}
+		p.kubeconfig = p.stableKubeconfig
 	}
 
 	etcdURL, err := p.startEtcd(ctx, etcdPort, peerPort)
@@ -425,6 +442,9 @@ func (p *plane) runCommand(command []string, signals <-chan os.Signal) int {
 		"KUBECONFIG="+p.kubeconfig,
 		"SCG_E2E_KUBECONFIG="+p.kubeconfig,
 		"SCG_TESTENV_DIR="+p.dir,
+		// The kubectl of the servers' version, so that no client/server skew warning
+		// or difference shows in what the command checks.
+		"PATH="+filepath.Join(p.bin, "path")+string(os.PathListSeparator)+os.Getenv("PATH"),
 	)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {

@@ -21,7 +21,7 @@ use super::response::{
 use super::shared::Shared;
 use super::store::{main_scope, scoped_update};
 use super::util::{self, ApiError, ApiResult, meta_str};
-use super::{discovery, openapi, watch};
+use super::{convert, discovery, openapi, watch};
 
 pub(crate) async fn handle(shared: Arc<Shared>, req: hyper::Request<Incoming>) -> Resp {
     let latency = shared.faults.latency();
@@ -95,7 +95,11 @@ fn route(shared: &Arc<Shared>, parts: &http::request::Parts, body: &Bytes) -> Ap
 
 /// A request for a resource: collection or object, maybe a subresource.
 struct Target<'a> {
+    /// The stored resource: what the store is asked for.
     res: Arc<ResourceDef>,
+    /// The resource asked for: its shape, names and schema are what the client sees.
+    /// The same as `res` but for resources that share another's storage (`convert`).
+    view: Arc<ResourceDef>,
     version: &'a str,
     /// Namespace from the path ("" when none).
     ns: String,
@@ -131,11 +135,18 @@ fn resolve<'a>(
         [plural, name, sub] => (None, *plural, Some(*name), Some(*sub)),
         _ => return Err(not_found_path()),
     };
-    let res = shared
-        .lock_store()
-        .resource(group, plural)
-        .filter(|r| r.serves(version))
-        .ok_or_else(not_found_path)?;
+    let (res, view) = {
+        let store = shared.lock_store();
+        let view = store
+            .resource(group, plural)
+            .filter(|r| r.serves(version))
+            .ok_or_else(not_found_path)?;
+        let res = match convert::storage_of(group, plural) {
+            Some((g, p)) => store.resource(g, p).ok_or_else(not_found_path)?,
+            None => view.clone(),
+        };
+        (res, view)
+    };
     if ns.is_some() && !res.namespaced {
         return Err(not_found_path());
     }
@@ -153,6 +164,7 @@ fn resolve<'a>(
     };
     Ok(Target {
         res,
+        view,
         version,
         ns: ns.unwrap_or("").to_string(),
         name: name.map(str::to_string),
@@ -206,7 +218,7 @@ fn resource_request(
     {
         let counter_key = (
             verb.to_string(),
-            format!("{}/{}{}", t.res.counter_group(), t.res.plural, sub_suffix),
+            format!("{}/{}{}", t.view.counter_group(), t.view.plural, sub_suffix),
         );
         let mut counters = shared.counters.lock().unwrap_or_else(|e| e.into_inner());
         *counters.entry(counter_key).or_insert(0) += 1;
@@ -228,17 +240,50 @@ fn resource_request(
             "the body of the request was in an unknown format - accepted media types include: application/json, application/vnd.kubernetes.protobuf (Secret, ConfigMap, Namespace only)",
         ));
     }
-    let res = t.res.clone();
+    verb_request(shared, parts, body, q, &t, verb, output).map_err(|e| relabel(&t, e))
+}
+
+/// An error the store raised about the stored resource, told in the names of the one
+/// asked for (`events.events.k8s.io "x" not found`, not `events "x" not found`).
+fn relabel(t: &Target, mut e: ApiError) -> ApiError {
+    if Arc::ptr_eq(&t.res, &t.view) {
+        return e;
+    }
+    let (stored, asked) = (t.res.qualified(), t.view.qualified());
+    if e.message.starts_with(&format!("{stored} \"")) {
+        e.message = format!("{asked}{}", &e.message[stored.len()..]);
+    }
+    if let Some(name) = e
+        .details
+        .as_ref()
+        .and_then(|d| d.get("name")?.as_str().map(str::to_string))
+    {
+        e = e.with_details(&t.view, &name);
+    }
+    e
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verb_request(
+    shared: &Arc<Shared>,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    q: &Query,
+    t: &Target,
+    verb: &str,
+    output: Output,
+) -> ApiResult<Resp> {
+    let (res, view) = (t.res.clone(), t.view.clone());
     match verb {
         "get" => {
             let name = t.name.as_deref().unwrap_or("");
             let obj = shared.lock_store().get(&res, &t.ns, name)?;
             Ok(json_response(
                 200,
-                &render_one(&res, t.version, &obj, output),
+                &render_one(&view, t.version, &obj, output),
             ))
         }
-        "list" => list(shared, &t, q, output),
+        "list" => list(shared, t, q, output),
         "watch" => {
             let mut store = shared.lock_store();
             let ns = if t.ns.is_empty() {
@@ -250,6 +295,7 @@ fn resource_request(
                 shared,
                 &mut store,
                 res,
+                view,
                 t.version.to_string(),
                 ns,
                 q,
@@ -258,30 +304,31 @@ fn resource_request(
         }
         "create" => {
             let body = object_body(parts, body)?;
-            openapi::validate_strict(&res, t.version, &body, q)?;
+            openapi::validate_strict(&view, t.version, &body, q)?;
+            let body = convert::to_storage(&view, body);
             let manager = field_manager(parts, q);
             let obj = shared
                 .lock_store()
                 .create(&res, &t.ns, body, &manager, dry_run(q))?;
             Ok(json_response(
                 201,
-                &render_one(&res, t.version, &obj, output),
+                &render_one(&view, t.version, &obj, output),
             ))
         }
-        "update" => update(shared, parts, &t, body, q, output),
-        "patch" => patch_request(shared, parts, &t, body, q, output),
+        "update" => update(shared, parts, t, body, q, output),
+        "patch" => patch_request(shared, parts, t, body, q, output),
         "delete" => {
             let opts = delete_opts(body, q)?;
             let name = t.name.as_deref().unwrap_or("");
             let obj = shared.lock_store().delete(&res, &t.ns, name, &opts)?;
             Ok(json_response(
                 200,
-                &render_one(&res, t.version, &obj, output),
+                &render_one(&view, t.version, &obj, output),
             ))
         }
         "deletecollection" => {
             let opts = delete_opts(body, q)?;
-            let (label, field) = selectors(q)?;
+            let (label, field) = selectors(q, &view)?;
             let mut store = shared.lock_store();
             let ns = if t.ns.is_empty() {
                 None
@@ -296,13 +343,13 @@ fn resource_request(
             let mut items = Vec::new();
             for (ns, name) in names {
                 if let Ok(o) = store.delete(&res, &ns, &name, &opts) {
-                    items.push(present(&res, t.version, &o));
+                    items.push(present(&view, t.version, &o));
                 }
             }
             let rv = store.rv.to_string();
             Ok(json_response(
                 200,
-                &json!({"kind": res.list_kind, "apiVersion": res.api_version(t.version),
+                &json!({"kind": view.list_kind, "apiVersion": view.api_version(t.version),
                         "metadata": {"resourceVersion": rv}, "items": items}),
             ))
         }
@@ -311,7 +358,7 @@ fn resource_request(
 }
 
 fn list(shared: &Arc<Shared>, t: &Target, q: &Query, output: Output) -> ApiResult<Resp> {
-    let (label, field) = selectors(q)?;
+    let (label, field) = selectors(q, &t.view)?;
     let limit: usize = match q.get("limit").filter(|s| !s.is_empty()) {
         Some(l) => l
             .parse::<i64>()
@@ -375,7 +422,7 @@ fn list(shared: &Arc<Shared>, t: &Target, q: &Query, output: Output) -> ApiResul
     }
     let objs: Vec<Value> = items.iter().map(|(_, o)| (*o).clone()).collect();
     let include_object = q.get("includeObject").is_none_or(|v| v != "None");
-    let v = render_list(res, t.version, &objs, meta, output, include_object);
+    let v = render_list(&t.view, t.version, &objs, meta, output, include_object);
     Ok(json_response(200, &v))
 }
 
@@ -410,7 +457,7 @@ fn update(
     q: &Query,
     output: Output,
 ) -> ApiResult<Resp> {
-    let res = &t.res;
+    let (res, view) = (&t.res, &t.view);
     let name = t.name.as_deref().unwrap_or("");
     let body = object_body(parts, body)?;
     if !body.is_object() {
@@ -433,7 +480,8 @@ fn update(
             res.kind
         )));
     }
-    openapi::validate_strict(res, t.version, &body, q)?;
+    openapi::validate_strict(view, t.version, &body, q)?;
+    let body = convert::to_storage(view, body);
     let manager = field_manager(parts, q);
     let mut store = shared.lock_store();
     let (old, managed) = store.stored(res, &t.ns, name)?;
@@ -457,7 +505,7 @@ fn update(
         &mut managed,
         &manager,
         t.sub.as_deref().unwrap_or(""),
-        &res.api_version(t.version),
+        &view.api_version(t.version),
         Some(&old),
         &new,
         scope,
@@ -466,7 +514,7 @@ fn update(
     let obj = store.commit(res, &t.ns, name, new, managed, dry_run(q))?;
     Ok(json_response(
         200,
-        &render_one(res, t.version, &obj, output),
+        &render_one(view, t.version, &obj, output),
     ))
 }
 
@@ -478,7 +526,7 @@ fn patch_request(
     q: &Query,
     output: Output,
 ) -> ApiResult<Resp> {
-    let res = &t.res;
+    let (res, view) = (&t.res, &t.view);
     let name = t.name.as_deref().unwrap_or("");
     let ct = content_type(parts);
     let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
@@ -491,7 +539,7 @@ fn patch_request(
     let patch_body = patch::parse_body(body, kind == PatchKind::Apply)?;
     let scope = scope_of(t);
     let sub = t.sub.as_deref().unwrap_or("");
-    let api_version = res.api_version(t.version);
+    let api_version = view.api_version(t.version);
     let now = util::now_micro();
     let mut store = shared.lock_store();
     if kind == PatchKind::Apply {
@@ -510,7 +558,8 @@ fn patch_request(
                 "the name of the object ({bname}) does not match the name on the URL ({name})"
             )));
         }
-        openapi::validate_strict(res, t.version, &patch_body, q)?;
+        openapi::validate_strict(view, t.version, &patch_body, q)?;
+        let patch_body = convert::to_storage(view, patch_body);
         let force = qbool(q, "force");
         match store.stored(res, &t.ns, name) {
             Ok((old, managed)) => {
@@ -556,7 +605,7 @@ fn patch_request(
                 let obj = store.commit(res, &t.ns, name, new, managed, dry_run(q))?;
                 Ok(json_response(
                     200,
-                    &render_one(res, t.version, &obj, output),
+                    &render_one(view, t.version, &obj, output),
                 ))
             }
             Err(e) if e.code == 404 && t.sub.is_none() => {
@@ -577,7 +626,7 @@ fn patch_request(
                 let obj = store.insert_new(res, &t.ns, name, new, managed, dry_run(q))?;
                 Ok(json_response(
                     201,
-                    &render_one(res, t.version, &obj, output),
+                    &render_one(view, t.version, &obj, output),
                 ))
             }
             Err(e) => Err(e),
@@ -586,7 +635,7 @@ fn patch_request(
         let manager = field_manager(parts, q);
         let (old, managed) = store.stored(res, &t.ns, name)?;
         let (old, managed) = (old.clone(), managed.to_vec());
-        let mut doc = present(res, t.version, &old);
+        let mut doc = present(view, t.version, &old);
         patch::apply_patch(&mut doc, kind, &patch_body)?;
         if !doc.is_object() {
             return Err(ApiError::bad_request(
@@ -602,7 +651,8 @@ fn patch_request(
                 "metadata.name cannot be changed by a patch",
             ));
         }
-        openapi::validate_strict(res, t.version, &doc, q)?;
+        openapi::validate_strict(view, t.version, &doc, q)?;
+        let doc = convert::to_storage(view, doc);
         let mut managed = client_managed(&old, &doc, managed)?;
         let new = scoped_update(&old, doc, scope);
         managed::record_update(
@@ -618,7 +668,7 @@ fn patch_request(
         let obj = store.commit(res, &t.ns, name, new, managed, dry_run(q))?;
         Ok(json_response(
             200,
-            &render_one(res, t.version, &obj, output),
+            &render_one(view, t.version, &obj, output),
         ))
     }
 }

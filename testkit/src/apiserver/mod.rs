@@ -19,7 +19,11 @@
 //!   namespace deletes the objects in it at once (honouring their finalizers).
 //! * One storage per group/resource: a CRD with several versions serves the same
 //!   objects under every served version with only `apiVersion` rewritten (no
-//!   conversion). Core `events` and `events.k8s.io` `events` are separate stores.
+//!   conversion). Core `events` and `events.k8s.io` `events` are one store, as in a
+//!   real cluster: an Event created through one is served by both, each in its own shape
+//!   (`regarding`/`involvedObject`, `note`/`message`, ...; field selectors too), so
+//!   `kubectl describe` lists the Events an operator publishes through events.k8s.io.
+//!   [`ApiServer::object`] returns the stored (core/v1) shape.
 //! * Lists and gets always read the latest state; `resourceVersion` /
 //!   `resourceVersionMatch` on list/get are accepted and ignored (except that a
 //!   `continue` token older than the event history answers 410 Expired).
@@ -81,6 +85,7 @@
 //!   work for get, list and watch.
 
 mod control;
+mod convert;
 mod discovery;
 mod handler;
 mod jsonpath;

@@ -6,8 +6,10 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::convert;
 use super::patch;
 use super::protobuf;
+use super::resources::ResourceDef;
 use super::selector::{FieldSelector, LabelSelector};
 use super::store::DeleteOpts;
 use super::util::{ApiError, ApiResult};
@@ -72,11 +74,17 @@ pub(crate) fn output_format(headers: &hyper::HeaderMap) -> ApiResult<Output> {
     ))
 }
 
-pub(crate) fn selectors(q: &Query) -> ApiResult<(LabelSelector, FieldSelector)> {
+/// The request's label and field selectors; field paths as named in `view`, matched
+/// against the stored shape (see `convert`).
+pub(crate) fn selectors(
+    q: &Query,
+    view: &ResourceDef,
+) -> ApiResult<(LabelSelector, FieldSelector)> {
     let label = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
         .map_err(ApiError::bad_request)?;
     let field = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))
-        .map_err(ApiError::bad_request)?;
+        .map_err(ApiError::bad_request)?
+        .map_paths(|p| convert::field_path(view, p));
     Ok((label, field))
 }
 

@@ -5,6 +5,7 @@ use axum::body::Body;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
+use super::convert;
 use super::request::Output;
 use super::resources::ResourceDef;
 use super::table;
@@ -35,9 +36,9 @@ pub(crate) fn plain_ok() -> Resp {
         .unwrap_or_else(|_| hyper::Response::new(Body::empty()))
 }
 
-/// The object as served for `version`.
+/// The stored object as served through `res` (its shape, see `convert`) for `version`.
 pub(crate) fn present(res: &ResourceDef, version: &str, obj: &Value) -> Value {
-    let mut o = obj.clone();
+    let mut o = convert::from_storage(res, obj);
     if let Some(m) = o.as_object_mut() {
         m.insert("apiVersion".into(), json!(res.api_version(version)));
     }
@@ -48,7 +49,7 @@ pub(crate) fn render_one(res: &ResourceDef, version: &str, obj: &Value, output: 
     match output {
         Output::Full => present(res, version, obj),
         Output::Meta => to_partial(obj),
-        Output::Table => table::table(res, version, std::slice::from_ref(obj), None, true),
+        Output::Table => table::table(res, version, &[present(res, version, obj)], None, true),
     }
 }
 
@@ -75,6 +76,9 @@ pub(crate) fn render_list(
             "metadata": meta,
             "items": objs.iter().map(to_partial).collect::<Vec<_>>(),
         }),
-        Output::Table => table::table(res, version, objs, Some(meta), include_object),
+        Output::Table => {
+            let objs: Vec<Value> = objs.iter().map(|o| present(res, version, o)).collect();
+            table::table(res, version, &objs, Some(meta), include_object)
+        }
     }
 }

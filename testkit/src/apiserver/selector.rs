@@ -141,6 +141,16 @@ impl FieldSelector {
         Ok(FieldSelector(reqs))
     }
 
+    /// The same selector with every field path renamed by `f`.
+    pub fn map_paths(self, f: impl Fn(&str) -> String) -> Self {
+        FieldSelector(
+            self.0
+                .into_iter()
+                .map(|(p, eq, v)| (f(&p), eq, v))
+                .collect(),
+        )
+    }
+
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(path, eq, want)| {
             let mut cur = Some(obj);

@@ -19,7 +19,10 @@ use super::store::{Event, EventType, Store};
 use super::util::ApiError;
 
 struct Filter {
+    /// The stored resource whose events this watch follows.
     res: Arc<ResourceDef>,
+    /// The resource as asked for (its shape, kind and apiVersion); usually `res`.
+    view: Arc<ResourceDef>,
     version: String,
     ns: Option<String>,
     label: LabelSelector,
@@ -33,7 +36,7 @@ impl Filter {
     }
 
     fn line(&self, etype: &str, obj: &Value) -> Bytes {
-        let object = render_one(&self.res, &self.version, obj, self.output);
+        let object = render_one(&self.view, &self.version, obj, self.output);
         let mut v =
             serde_json::to_vec(&json!({"type": etype, "object": object})).unwrap_or_default();
         v.push(b'\n');
@@ -81,7 +84,7 @@ impl Filter {
                 json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": meta})
             }
             _ => {
-                json!({"kind": self.res.kind, "apiVersion": self.res.api_version(&self.version), "metadata": meta})
+                json!({"kind": self.view.kind, "apiVersion": self.view.api_version(&self.version), "metadata": meta})
             }
         };
         let mut v =
@@ -155,18 +158,21 @@ impl WatchState {
     }
 }
 
-/// Starts a watch. Called with the store locked so that no event is missed between
-/// the initial state and the live subscription.
+/// Starts a watch of the stored resource `res` as served through `view`. Called with the
+/// store locked so that no event is missed between the initial state and the live
+/// subscription.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     shared: &Arc<Shared>,
     store: &mut Store,
     res: Arc<ResourceDef>,
+    view: Arc<ResourceDef>,
     version: String,
     ns: Option<String>,
     q: &Query,
     output: Output,
 ) -> Result<Resp, ApiError> {
-    let (label, field) = selectors(q)?;
+    let (label, field) = selectors(q, &view)?;
     let bookmarks = q
         .get("allowWatchBookmarks")
         .is_some_and(|v| v == "true" || v == "1");
@@ -183,6 +189,7 @@ pub(crate) fn start(
     let rv_param = q.get("resourceVersion").map(String::as_str).unwrap_or("");
     let filter = Filter {
         res,
+        view,
         version,
         ns,
         label,

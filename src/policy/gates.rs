@@ -220,74 +220,26 @@ mod tests {
             ..suspended.clone()
         };
         type Edit = fn(&mut Facts<'_, &str, &str, &str>);
+        // One row per line: the order of the rows is the order of the gates.
+        #[rustfmt::skip]
         let table: [(&str, &ScgTokenSpec, Edit, &str); 14] = [
             ("all clear", &good, |_| {}, "passes"),
             ("deleting", &bad, |f| f.deleting = true, "idle"),
             ("standby", &bad, |f| f.leader = false, "idle"),
             ("invalid settings", &bad, |_| {}, "InvalidSpec"),
-            (
-                "invalid endpoint",
-                &good,
-                |f| f.endpoint = Err("no".into()),
-                "InvalidSpec",
-            ),
-            (
-                "another owner",
-                &suspended,
-                |f| f.chain_owner = Some("a".into()),
-                "InvalidSpec",
-            ),
-            (
-                "suspended",
-                &suspended,
-                |f| f.target_foreign = true,
-                "Suspended",
-            ),
-            (
-                "foreign target",
-                &good,
-                |f| f.target_foreign = true,
-                "TargetConflict",
-            ),
-            (
-                "immutable target",
-                &good,
-                |f| f.target_immutable = true,
-                "TargetConflict",
-            ),
-            (
-                "suspended before an immutable target",
-                &suspended,
-                |f| f.target_immutable = true,
-                "Suspended",
-            ),
-            (
-                "foreign target before credentials",
-                &good,
-                |f| {
-                    f.target_foreign = true;
-                    f.credentials = Err(Unloaded::Unreadable("down"));
-                },
-                "TargetConflict",
-            ),
-            (
-                "missing credentials",
-                &good,
-                |f| f.credentials = Err(Unloaded::Missing("gone".into())),
-                "CredentialsNotFound",
-            ),
-            (
-                "suspended hides unreadable credentials",
-                &suspended,
-                |f| f.credentials = Err(Unloaded::Unreadable("down")),
-                "Suspended",
-            ),
-            (
-                "unreadable credentials",
-                &good,
-                |f| f.credentials = Err(Unloaded::Unreadable("down")),
-                "unreadable",
-            ),
+            ("invalid endpoint", &good, |f| f.endpoint = Err("no".into()), "InvalidSpec"),
+            ("another owner", &suspended, |f| f.chain_owner = Some("a".into()), "InvalidSpec"),
+            ("suspended", &suspended, |f| f.target_foreign = true, "Suspended"),
+            ("foreign target", &good, |f| f.target_foreign = true, "TargetConflict"),
+            ("immutable target", &good, |f| f.target_immutable = true, "TargetConflict"),
+            ("suspended before an immutable target", &suspended, |f| f.target_immutable = true, "Suspended"),
+            ("foreign target before credentials", &good, |f| {
+                f.target_foreign = true;
+                f.credentials = Err(Unloaded::Unreadable("down"));
+            }, "TargetConflict"),
+            ("missing credentials", &good, |f| f.credentials = Err(Unloaded::Missing("gone".into())), "CredentialsNotFound"),
+            ("suspended hides unreadable credentials", &suspended, |f| f.credentials = Err(Unloaded::Unreadable("down")), "Suspended"),
+            ("unreadable credentials", &good, |f| f.credentials = Err(Unloaded::Unreadable("down")), "unreadable"),
         ];
         for (name, spec, edit, want) in table {
             let mut f = passing(spec);

@@ -19,7 +19,7 @@ use std::{
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt, runtime::controller::Action};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 mod act;
 mod context;
@@ -145,6 +145,7 @@ impl<'a> Pass<'a> {
     }
 
     async fn run(&self) -> Result<Action, Error> {
+        debug!("pass started");
         let target = chain::load_target(&self.secrets, self.obj).await?;
         let target = self.store_pending(target).await?;
         let seen = self.observe(target).await;
@@ -224,13 +225,18 @@ impl<'a> Pass<'a> {
     /// Calls the API, stores the new token, reports.
     async fn refresh(&self, r: Refresh) -> Result<Action, Error> {
         let current = &r.standing.chain;
+        let first_call = self.ctx.memory.chain(&self.key).is_none();
+        debug!("sending the refresh call");
         let (sent_at, result) = self
             .call(&r.settings, &r.endpoint, &r.credentials, current)
             .await;
         let refreshed = match result {
             Ok(refreshed) => refreshed,
-            Err(error) => return Ok(self.refresh_failed(r, error).await),
+            Err(error) => return Ok(self.refresh_failed(r, error, first_call).await),
         };
+        // From here until "stored" a kill loses the new token: the window is measured
+        // from these two lines.
+        debug!("refresh answered; storing the new token");
         let (times, lifetime) = policy::issued(sent_at, refreshed.lifetime, r.settings.validity);
         let new = Chain {
             token: refreshed.token,
@@ -266,7 +272,7 @@ impl<'a> Pass<'a> {
     }
 
     /// The call failed: back off (the outcome says until when) and report.
-    async fn refresh_failed(&self, r: Refresh, error: RefreshError) -> Action {
+    async fn refresh_failed(&self, r: Refresh, error: RefreshError, first_call: bool) -> Action {
         let at = self.ctx.clock.now();
         let logged = error.to_string();
         let out = self.outcome(Happened::Failed {
@@ -277,6 +283,7 @@ impl<'a> Pass<'a> {
             error,
             at,
             jitter_key: r.jitter_key,
+            first_call,
         });
         let failures = out.status.consecutive_failures;
         let retry_at = out.wake.unwrap_or(at);

@@ -714,3 +714,169 @@ async fn kill_campaign() {
 async fn leader_kills() {
     kill_series(env_usize("SCG_LEADER_KILLS", 10), false, "leader kills").await;
 }
+
+// ---------------------------------------------------------------------------------------
+// 3. API fault soak
+// ---------------------------------------------------------------------------------------
+
+/// The faults the soak injects, with how often each was injected.
+#[derive(Default)]
+struct Injected(BTreeMap<&'static str, usize>);
+
+impl Injected {
+    fn count(&mut self, kind: &'static str) {
+        *self.0.entry(kind).or_default() += 1;
+    }
+}
+
+/// Injects one random fault into the in-memory API server.
+fn inject(api: &testkit::apiserver::ApiServer, rng: &mut XorShift, injected: &mut Injected) {
+    let faults = api.faults();
+    let verbs = ["get", "list", "create", "update", "patch"];
+    let resources = [
+        "secrets",
+        "scgtokens",
+        "scgtokens/status",
+        "events",
+        "leases",
+    ];
+    let verb = verbs[rng.below(verbs.len() as u64) as usize];
+    let resource = resources[rng.below(resources.len() as u64) as usize];
+    let times = 1 + rng.below(3) as u32;
+    match rng.below(6) {
+        0 => {
+            let code = [500, 502, 503, 504][rng.below(4) as usize];
+            faults.fail_next(verb, resource, times, code);
+            injected.count("5xx");
+        }
+        1 => {
+            faults.fail_next(verb, resource, times, 409);
+            injected.count("409 conflict");
+        }
+        2 => {
+            faults.set_latency(Duration::from_millis(100 + rng.below(1400)));
+            injected.count("slow responses");
+        }
+        3 => {
+            faults.close_watches();
+            injected.count("dropped watches");
+        }
+        4 => {
+            // Re-watches from an old resourceVersion then get 410 Gone.
+            faults.compact_history();
+            faults.close_watches();
+            injected.count("410 Gone");
+        }
+        _ => {
+            faults.set_latency(Duration::ZERO);
+            faults.fail_next("watch", resource, times, 500);
+            injected.count("failed watches");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "campaign: run with --ignored (SCG_SOAK_SECS)"]
+async fn api_fault_soak() {
+    let secs = env_usize("SCG_SOAK_SECS", 120) as u64;
+    let n_chains = env_usize("SCG_CHAINS", 3);
+    let mut rng = XorShift(campaign_seed());
+    // 10 s tokens refreshed with half their life left: a refresh every 5 s per chain, and
+    // 5 s to get through the faults before a token expires.
+    let env = Env::start(SimConfig {
+        validity_cap: Duration::from_secs(10),
+        ..SimConfig::default()
+    })
+    .await;
+    if env.needs_test_server("api_fault_soak") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the soak needs the test API server"
+        );
+        env.skip().await;
+        return;
+    }
+    let endpoint = env.sim.refresh_url();
+    let chains = Chains::create(&env, n_chains, &endpoint, 50).await;
+    let seeds: Vec<String> = (0..n_chains)
+        .map(|i| env.sim.current_token(&Chains::key(i)).expect("an app"))
+        .collect();
+    let op = env.operator(&["--leader-elect=true", "--lease-duration-seconds=5"]);
+    chains.wait_first_tokens(&env).await;
+    let rss_start = rss_kib(&op);
+    let api = env.api.as_ref().expect("the test API server");
+    let mut injected = Injected::default();
+    let mut expired_samples = 0usize;
+    let mut samples = 0usize;
+    let started = Instant::now();
+    let end = started + Duration::from_secs(secs);
+    while Instant::now() < end {
+        inject(api, &mut rng, &mut injected);
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(500))).await;
+        // The newest token of each chain is alive: the operator refreshed in time.
+        for i in 0..n_chains {
+            samples += 1;
+            let newest = env.sim.current_token(&Chains::key(i)).unwrap_or_default();
+            if !env.sim.is_valid(&newest) {
+                expired_samples += 1;
+            }
+        }
+    }
+    let faults = api.faults();
+    faults.set_latency(Duration::ZERO);
+    let rss_end = rss_kib(&op);
+    // After the faults: every chain unbroken from its seed to the token in its target,
+    // which is the newest and valid.
+    let log = env.sim.refresh_log();
+    let mut lost = Vec::new();
+    for (i, name) in chains.names.iter().enumerate() {
+        let newest = env.sim.current_token(&Chains::key(i));
+        let target = env
+            .eventually(&format!("{name}: the newest token stored"), || async {
+                let t = env.target_token(name).await?;
+                (Some(&t) == newest.as_ref()).then_some(t)
+            })
+            .await;
+        if !descendants(&log, &seeds[i]).contains(&target) || !env.sim.is_valid(&target) {
+            lost.push(name.clone());
+        }
+    }
+    let uses = env.sim.revoked_uses();
+    let expired = uses
+        .iter()
+        .filter(|u| u.reason == DeadReason::Expired)
+        .count();
+    let revoked = uses.len() - expired;
+    let doubles = double_refreshes(&env).len();
+    eprintln!(
+        "\n== API fault soak: {:.0?}, {n_chains} chains, {} successful refreshes of {} calls",
+        started.elapsed(),
+        env.sim.successful_refreshes(),
+        env.sim.refresh_calls()
+    );
+    for (kind, n) in &injected.0 {
+        eprintln!("  injected {kind}: {n}");
+    }
+    let warnings = op.logs().lines().filter(|l| l.contains("WARN")).count();
+    eprintln!("  warnings the operator logged (the faults it met): {warnings}");
+    eprintln!(
+        "  samples with a chain's newest token expired (goal 0): {expired_samples} of {samples}"
+    );
+    eprintln!(
+        "  expired tokens presented (goal 0): {expired}; revoked presented (goal 0): {revoked}"
+    );
+    eprintln!(
+        "  chains lost (goal 0): {}; double refreshes (goal 0): {doubles}",
+        lost.len()
+    );
+    eprintln!(
+        "  operator RSS: {} KiB at start, {} KiB at end",
+        rss_start.map_or("?".into(), |v| v.to_string()),
+        rss_end.map_or("?".into(), |v| v.to_string())
+    );
+    assert_eq!(expired_samples, 0, "a chain's newest token expired");
+    assert_eq!((expired, revoked, doubles), (0, 0, 0));
+    assert!(lost.is_empty(), "chains lost: {lost:?}");
+    drop(op);
+    env.finish().await;
+}

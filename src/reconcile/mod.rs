@@ -91,7 +91,7 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
     }
 }
 
-/// Requeue after a failed pass. A token waiting to be stored is retried quickly.
+/// Requeue after a failed pass ([`policy::requeue_after_error`]).
 pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(
         namespace = obj.namespace().unwrap_or_default(),
@@ -100,11 +100,13 @@ pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Act
         "reconcile failed"
     );
     let pending = ctx.has_pending(&obj.namespace().unwrap_or_default(), &obj.name_any());
-    Action::requeue(if pending {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(5)
-    })
+    let now = ctx.clock.now();
+    let left = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| now.duration_until(t.0));
+    Action::requeue(policy::requeue_after_error(pending, left))
 }
 
 /// One reconcile pass over one ScgToken.

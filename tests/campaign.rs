@@ -753,6 +753,8 @@ impl Injected {
 /// Injects one random fault into the in-memory API server.
 fn inject(api: &testkit::apiserver::ApiServer, rng: &mut XorShift, injected: &mut Injected) {
     let faults = api.faults();
+    // Slowness lasts until the next pick, so a slow spell is 0.5-3 s long.
+    faults.set_latency(Duration::ZERO);
     let verbs = ["get", "list", "create", "update", "patch"];
     let resources = [
         "secrets",
@@ -763,7 +765,8 @@ fn inject(api: &testkit::apiserver::ApiServer, rng: &mut XorShift, injected: &mu
     ];
     let verb = verbs[rng.below(verbs.len() as u64) as usize];
     let resource = resources[rng.below(resources.len() as u64) as usize];
-    let times = 1 + rng.below(3) as u32;
+    // Each rule waits, armed, for the next matching request: one failure per pick.
+    let times = 1;
     match rng.below(6) {
         0 => {
             let code = [500, 502, 503, 504][rng.below(4) as usize];
@@ -775,7 +778,7 @@ fn inject(api: &testkit::apiserver::ApiServer, rng: &mut XorShift, injected: &mu
             injected.count("409 conflict");
         }
         2 => {
-            faults.set_latency(Duration::from_millis(100 + rng.below(1400)));
+            faults.set_latency(Duration::from_millis(50 + rng.below(450)));
             injected.count("slow responses");
         }
         3 => {
@@ -789,7 +792,6 @@ fn inject(api: &testkit::apiserver::ApiServer, rng: &mut XorShift, injected: &mu
             injected.count("410 Gone");
         }
         _ => {
-            faults.set_latency(Duration::ZERO);
             faults.fail_next("watch", resource, times, 500);
             injected.count("failed watches");
         }
@@ -832,8 +834,10 @@ async fn api_fault_soak() {
     let started = Instant::now();
     let end = started + Duration::from_secs(secs);
     while Instant::now() < end {
+        // A fault every 0.5-3 s: the operator makes a few requests a second, so a good
+        // share of them fail, but not all (all would be an outage, which no token outlives).
         inject(api, &mut rng, &mut injected);
-        tokio::time::sleep(Duration::from_millis(100 + rng.below(500))).await;
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(2500))).await;
         // The newest token of each chain is alive: the operator refreshed in time.
         for i in 0..n_chains {
             samples += 1;
@@ -895,6 +899,18 @@ async fn api_fault_soak() {
         rss_start.map_or("?".into(), |v| v.to_string()),
         rss_end.map_or("?".into(), |v| v.to_string())
     );
+    if expired_samples > 0 || std::env::var_os("SCG_CAMPAIGN_VERBOSE").is_some() {
+        let logs = op.logs();
+        let notable: Vec<&str> = logs.lines().filter(|l| !l.contains("DEBUG")).collect();
+        for l in &notable[notable.len().saturating_sub(60)..] {
+            eprintln!("  | {l}");
+        }
+        // The whole log (no token or secret in it: `finish` checks that) for a post-mortem.
+        let path = std::env::temp_dir().join("scg-soak-operator.log");
+        if std::fs::write(&path, &logs).is_ok() {
+            eprintln!("  operator log: {}", path.display());
+        }
+    }
     assert_eq!(expired_samples, 0, "a chain's newest token expired");
     assert_eq!((expired, revoked, doubles), (0, 0, 0));
     assert!(lost.is_empty(), "chains lost: {lost:?}");

@@ -365,6 +365,18 @@ pub fn jitter_key(s: &str) -> u64 {
     })
 }
 
+/// When to try a pass again after it failed on the Kubernetes API (a read, a write): soon
+/// when a received token waits to be stored; otherwise after 5 s, but never later than
+/// half the time the stored token has `left` (at least 1 s), so that a short-lived token
+/// gets more than one try before it expires.
+pub fn requeue_after_error(pending: bool, left: Option<SignedDuration>) -> Duration {
+    let usual = Duration::from_secs(if pending { 1 } else { 5 });
+    let half_left = left
+        .map(|l| Duration::try_from(l / 2).unwrap_or(Duration::ZERO))
+        .unwrap_or(usual);
+    usual.min(half_left).max(Duration::from_secs(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -715,6 +727,26 @@ mod tests {
                     "{kind:?} #{failures}: {s}s not in [{lo}, {hi}]"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_failed_pass_is_retried_before_a_short_token_expires() {
+        let secs = |n: i64| Some(SignedDuration::from_secs(n));
+        for (pending, left, want) in [
+            (false, None, 5),
+            (true, None, 1),
+            (false, secs(3600), 5),
+            (false, secs(6), 3),
+            (false, secs(1), 1),
+            (false, secs(-10), 1),
+            (true, secs(6), 1),
+        ] {
+            assert_eq!(
+                requeue_after_error(pending, left),
+                Duration::from_secs(want),
+                "pending {pending}, left {left:?}"
+            );
         }
     }
 }

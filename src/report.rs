@@ -23,6 +23,9 @@ pub enum Reason {
     InvalidSpec,
     /// The API refused the refresh (4xx).
     Rejected,
+    /// The API refused the stored, unexpired token on the first call after a start: a
+    /// refresh was probably interrupted between the API's answer and the store.
+    ChainBroken,
     /// The API or the network failed (5xx, 429, timeouts, connection errors).
     Unavailable,
     /// The API answered 2xx with a body that is not a token response.
@@ -36,12 +39,13 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for reading one back from a stored condition.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Refreshed,
         Reason::Pending,
         Reason::CredentialsNotFound,
         Reason::InvalidSpec,
         Reason::Rejected,
+        Reason::ChainBroken,
         Reason::Unavailable,
         Reason::InvalidResponse,
         Reason::Expired,
@@ -56,6 +60,7 @@ impl Reason {
             Reason::CredentialsNotFound => "CredentialsNotFound",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::Rejected => "Rejected",
+            Reason::ChainBroken => "ChainBroken",
             Reason::Unavailable => "Unavailable",
             Reason::InvalidResponse => "InvalidResponse",
             Reason::Expired => "Expired",

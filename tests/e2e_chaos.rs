@@ -491,16 +491,17 @@ async fn sigkill_during_a_refresh_call_loses_its_token_until_a_new_seed() {
     );
     assert!(env.sim.is_valid(&orphan));
 
-    // A restarted operator has only the revoked token: it is rejected, and users see it.
+    // A restarted operator has only the revoked token: it is rejected, and users are told
+    // that the chain broke and how to reseed.
     let _op = env.operator(&[]);
-    env.eventually("Ready=False with reason Rejected", || async {
+    env.eventually("Ready=False with reason ChainBroken", || async {
         env.ready(TARGET)
             .await
-            .filter(|(s, r)| s == "False" && r == "Rejected")
+            .filter(|(s, r)| s == "False" && r == "ChainBroken")
     })
     .await;
     let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    env.eventually("a Warning Event Rejected", || async {
+    env.eventually("a Warning Event ChainBroken", || async {
         events
             .list(&ListParams::default())
             .await
@@ -508,7 +509,7 @@ async fn sigkill_during_a_refresh_call_loses_its_token_until_a_new_seed() {
             .items
             .into_iter()
             .find(|e| {
-                e.reason.as_deref() == Some("Rejected")
+                e.reason.as_deref() == Some("ChainBroken")
                     && e.type_.as_deref() == Some("Warning")
                     && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(TARGET)
             })

@@ -22,7 +22,7 @@ use std::{
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt, runtime::controller::Action};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 mod act;
 mod consumers;
@@ -95,7 +95,7 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
     }
 }
 
-/// Requeue after a failed pass. A token waiting to be stored is retried quickly.
+/// Requeue after a failed pass ([`policy::requeue_after_error`]).
 pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(
         namespace = obj.namespace().unwrap_or_default(),
@@ -104,11 +104,13 @@ pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Act
         "reconcile failed"
     );
     let pending = ctx.has_pending(&obj.namespace().unwrap_or_default(), &obj.name_any());
-    Action::requeue(if pending {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(5)
-    })
+    let now = ctx.clock.now();
+    let left = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| now.duration_until(t.0));
+    Action::requeue(policy::requeue_after_error(pending, left))
 }
 
 /// One reconcile pass over one ScgToken.
@@ -152,6 +154,7 @@ impl<'a> Pass<'a> {
     }
 
     async fn run(&self) -> Result<Action, Error> {
+        debug!("pass started");
         let target = chain::load_target(&self.secrets, self.obj).await?;
         let target = self.store_pending(target).await?;
         let seen = self.observe(target).await;
@@ -235,13 +238,18 @@ impl<'a> Pass<'a> {
     /// Calls the API, stores the new token, reports.
     async fn refresh(&self, r: Refresh) -> Result<Action, Error> {
         let current = &r.standing.chain;
+        let first_call = self.ctx.memory.chain(&self.key).is_none();
+        debug!("sending the refresh call");
         let (sent_at, result) = self
             .call(&r.settings, &r.endpoint, &r.credentials, current)
             .await;
         let refreshed = match result {
             Ok(refreshed) => refreshed,
-            Err(error) => return Ok(self.refresh_failed(r, error).await),
+            Err(error) => return Ok(self.refresh_failed(r, error, first_call).await),
         };
+        // From here until "stored" a kill loses the new token: the window is measured
+        // from these two lines.
+        debug!("refresh answered; storing the new token");
         let (times, lifetime) = policy::issued(sent_at, refreshed.lifetime, r.settings.validity);
         let new = Chain {
             token: refreshed.token,
@@ -277,7 +285,7 @@ impl<'a> Pass<'a> {
     }
 
     /// The call failed: back off (the outcome says until when) and report.
-    async fn refresh_failed(&self, r: Refresh, error: RefreshError) -> Action {
+    async fn refresh_failed(&self, r: Refresh, error: RefreshError, first_call: bool) -> Action {
         let at = self.ctx.clock.now();
         let logged = error.to_string();
         let out = self.outcome(Happened::Failed {
@@ -288,6 +296,7 @@ impl<'a> Pass<'a> {
             error,
             at,
             jitter_key: r.jitter_key,
+            first_call,
         });
         let failures = out.status.consecutive_failures;
         let retry_at = out.wake.unwrap_or(at);

@@ -52,12 +52,14 @@ pub enum Happened {
     Blocked(Blocked),
     /// Nothing is due before `until`.
     Waiting { shown: Shown, until: Timestamp },
-    /// The refresh call failed; it ended at `at`.
+    /// The refresh call failed; it ended at `at`. `first_call`: the first call this
+    /// process made for this ScgToken.
     Failed {
         attempt: Attempt,
         error: RefreshError,
         at: Timestamp,
         jitter_key: u64,
+        first_call: bool,
     },
     /// A token is held in memory because the target Secret could not be written.
     /// `received` is set when it is the token this pass just received.
@@ -114,7 +116,19 @@ pub fn outcome(prior: &Prior<'_>, happened: Happened, now: Timestamp) -> Outcome
             error,
             at,
             jitter_key,
-        } => failed(prior, &mut status, attempt, &error, at, jitter_key),
+            first_call,
+        } => {
+            let broken = chain_broken(&error, attempt.shown.times, first_call, at);
+            let failure = failed(prior, &mut status, attempt, &error, at, jitter_key);
+            match failure {
+                (Reason::Rejected, message, wake) if broken => (
+                    Reason::ChainBroken,
+                    format!("{CHAIN_BROKEN} ({message})"),
+                    wake,
+                ),
+                other => other,
+            }
+        }
         Happened::Pending { error, received } => {
             if let Some(attempt) = received {
                 // The call succeeded: whatever happens to the write, the streak is over.
@@ -238,6 +252,23 @@ fn failed(
     status.next_refresh_at = Some(Time(retry));
     let reason = if expired { Reason::Expired } else { reason };
     (reason, message, Some(retry))
+}
+
+/// What a user reads when [`chain_broken`] holds: what probably happened and what to do.
+const CHAIN_BROKEN: &str = "the token chain is probably broken: the API refused the stored, \
+    unexpired token on the first refresh after the operator started, which is what happens \
+    when a refresh was interrupted (the operator stopped between the API's answer and storing \
+    the new token) or when the token was regenerated elsewhere. To recover, generate a new \
+    token in the SDC UI and put it in the accessToken key of the credentials Secret";
+
+/// A refusal of a token the API issued (not a seed), before its expiry, on the first call
+/// after a start: the API most likely issued a successor that a stopped process never
+/// stored. Later refusals in the same process cannot be that: it stores before it calls.
+fn chain_broken(error: &RefreshError, times: TokenTimes, first_call: bool, at: Timestamp) -> bool {
+    matches!(error, RefreshError::Rejected { .. })
+        && first_call
+        && times.issued_at.is_some()
+        && times.expires_at.is_some_and(|e| e > at)
 }
 
 /// How a failed call is timed and reported.
@@ -426,6 +457,88 @@ mod tests {
             error,
             at: t(2),
             jitter_key: 7,
+            first_call: false,
+        }
+    }
+
+    #[test]
+    fn a_refused_stored_token_on_the_first_call_says_the_chain_broke() {
+        let rejected = RefreshError::Rejected { status: 401 };
+        let unavailable = RefreshError::Unavailable { status: 503 };
+        let seed = TokenTimes::default();
+        let issued = |expires| TokenTimes {
+            issued_at: Some(t(-10)),
+            expires_at: Some(t(expires)),
+        };
+        // (case, error, token presented, first call, reason wanted); the call ends at t(2).
+        let rows = [
+            (
+                "stored token refused after a start",
+                &rejected,
+                issued(60),
+                true,
+                Reason::ChainBroken,
+            ),
+            (
+                "later in the same process",
+                &rejected,
+                issued(60),
+                false,
+                Reason::Rejected,
+            ),
+            ("a seed refused", &rejected, seed, true, Reason::Rejected),
+            (
+                "an expired token refused",
+                &rejected,
+                issued(1),
+                true,
+                Reason::Expired,
+            ),
+            (
+                "the API failed",
+                &unavailable,
+                issued(60),
+                true,
+                Reason::Unavailable,
+            ),
+        ];
+        for (case, error, times, first_call, want) in rows {
+            let status = ScgTokenStatus::default();
+            let ready = condition(Reason::Refreshed);
+            let prior = Prior {
+                status: &status,
+                ready: Some(&ready),
+                generation: Some(1),
+                target_name: "messaging",
+                refreshed_event_at: None,
+            };
+            let happened = Happened::Failed {
+                attempt: Attempt {
+                    shown: Shown {
+                        times,
+                        token_fingerprint: "tfp".into(),
+                        credentials_fingerprint: "cfp".into(),
+                    },
+                    request: None,
+                },
+                error: error.clone(),
+                at: t(2),
+                jitter_key: 7,
+                first_call,
+            };
+            let out = outcome(&prior, happened, t(0));
+            assert_eq!(out.reason, want, "{case}");
+            assert_eq!(out.events.len(), 1, "{case}: one Event");
+            assert_eq!(out.events[0].reason, want.as_str(), "{case}");
+            assert_eq!(out.events[0].type_, EventType::Warning, "{case}");
+            let message = &out.status.conditions[0].message;
+            let says_reseed = message.contains("SDC UI") && message.contains("accessToken");
+            assert_eq!(
+                says_reseed,
+                want == Reason::ChainBroken,
+                "{case}: {message}"
+            );
+            assert_eq!(out.status.consecutive_failures, 1, "{case}");
         }
     }
 
@@ -656,6 +769,7 @@ mod tests {
             error: RefreshError::Rejected { status: 403 },
             at: t(2),
             jitter_key: 7,
+            first_call: false,
         };
         let out = outcome(&prior, happened, t(0));
         let retry = policy::retry_at(t(2), FailureKind::Rejected, 2, Some(t(3590)), 7);

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use common::manifests::{
-    OPERATOR_NS, Permission, SERVICE_ACCOUNT, get, granted, grants, kustomize, name_of, parse_docs,
-    permissions, repo, s, seq, strs,
+    OPERATOR_NS, Permission, SERVICE_ACCOUNT, example, get, granted, grants, kustomize, name_of,
+    of_kind, one, parse_docs, permissions, repo, s, seq, strs,
 };
 use serde_yaml::Value;
 
@@ -31,16 +31,6 @@ const ADMIN_PORT: u64 = 8080;
 
 /// Directories under deploy/ that `kubectl apply -k` may be given ("" is deploy/ itself).
 const SETUPS: &[&str] = &["", "base", "overlays/namespaced", "overlays/prometheus"];
-
-fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    objs.iter().filter(|o| get(o, "kind") == kind).collect()
-}
-
-fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
-    let found = of_kind(objs, kind);
-    assert_eq!(found.len(), 1, "expected exactly one {kind}");
-    found[0]
-}
 
 fn labels(v: &Value, path: &str) -> BTreeMap<String, String> {
     get(v, path)
@@ -402,11 +392,6 @@ fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
             .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
         assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
     }
-}
-
-fn example(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(repo().join("examples").join(name)).unwrap();
-    parse_docs(&text)
 }
 
 #[test]

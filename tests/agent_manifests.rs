@@ -9,7 +9,8 @@ mod common {
 use std::{collections::BTreeSet, process::Command};
 
 use common::manifests::{
-    Scratch, copy_dir, example, get, one, parse_docs as docs, repo, s, seq, strs,
+    Scratch, assert_fields_in_schema, copy_dir, example, get, one, parse_docs as docs, repo, s,
+    seq, strs,
 };
 use serde_yaml::Value;
 
@@ -211,29 +212,6 @@ fn the_file_example_shares_a_memory_volume_with_group_readable_files() {
         Some(group.to_string()),
         "the files' group is the pod's fsGroup"
     );
-}
-
-fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
-    if let Some(items) = value.as_sequence() {
-        for item in items {
-            assert_fields_in_schema(item, get(schema, "items"), &format!("{path}[]"));
-        }
-        return;
-    }
-    let Some(map) = value.as_mapping() else {
-        return;
-    };
-    // A map of free keys (labels, annotations).
-    if get(schema, "properties").is_null() && !get(schema, "additionalProperties").is_null() {
-        return;
-    }
-    for (key, child) in map {
-        let key = key.as_str().unwrap();
-        let sub = get(schema, "properties")
-            .get(key)
-            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
-        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
-    }
 }
 
 #[test]

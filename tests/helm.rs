@@ -22,7 +22,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::manifests::{get, of_kind, one, parse_docs, repo, s, seq, strs};
+use common::manifests::{
+    env_value as env, get, of_kind, one, operator_container, parse_docs, repo, s, seq, strs,
+};
 use serde_yaml::Value;
 
 const NEEDS_HELM: &str = "needs helm: run testenv/helm/build";
@@ -93,18 +95,7 @@ fn kustomize(dir: &str) -> Vec<Value> {
 }
 
 fn container(objs: &[Value]) -> &Value {
-    let containers = seq(get(
-        one(objs, "Deployment"),
-        "spec.template.spec.containers",
-    ));
-    assert_eq!(containers.len(), 1, "one container");
-    &containers[0]
-}
-
-fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    seq(get(container, "env"))
-        .iter()
-        .find(|e| get(e, "name") == name)
+    operator_container(one(objs, "Deployment"))
 }
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {

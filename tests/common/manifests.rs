@@ -145,6 +145,45 @@ pub fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The only container of a Deployment (the operator's).
+pub fn operator_container(deploy: &Value) -> &Value {
+    let containers = seq(get(deploy, "spec.template.spec.containers"));
+    assert_eq!(containers.len(), 1, "one container");
+    &containers[0]
+}
+
+/// The `env` entry `name` of a container.
+pub fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    seq(get(container, "env"))
+        .iter()
+        .find(|e| get(e, "name") == name)
+}
+
+/// Fails on a field of `value` that `schema` (an OpenAPI schema of the CRD) does not
+/// declare; maps of free keys (labels, annotations) are not checked.
+pub fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
+    if let Some(items) = value.as_sequence() {
+        for item in items {
+            assert_fields_in_schema(item, get(schema, "items"), &format!("{path}[]"));
+        }
+        return;
+    }
+    let Some(map) = value.as_mapping() else {
+        return;
+    };
+    // A map of free keys (labels, annotations).
+    if get(schema, "properties").is_null() && !get(schema, "additionalProperties").is_null() {
+        return;
+    }
+    for (key, child) in map {
+        let key = key.as_str().unwrap();
+        let sub = get(schema, "properties")
+            .get(key)
+            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
+        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
+    }
+}
+
 /// The objects of examples/`name`.
 pub fn example(name: &str) -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join("examples").join(name)).expect("example");

@@ -1,4 +1,7 @@
 //! The admin HTTP server: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+//!
+//! Shared by the operator (ready once its caches have synced) and the agent (ready while
+//! it serves an unexpired token), which plugs its own rule in through [`Probe`].
 
 use std::{
     future::Future,
@@ -11,6 +14,16 @@ use std::{
 use axum::{Router, extract, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::registry::Registry;
 
+/// A readiness rule other than the operator's "caches synced" flag.
+pub trait Probe: Send + Sync + 'static {
+    /// Whether `/readyz` answers 200 now.
+    fn ready(&self) -> bool;
+    /// The body of `/readyz` when not ready.
+    fn not_ready_message(&self) -> &'static str;
+    /// Brings time-dependent gauges up to date just before a scrape.
+    fn before_scrape(&self) {}
+}
+
 /// Shared state of the admin server.
 #[derive(Clone)]
 pub struct State(Arc<Inner>);
@@ -18,6 +31,7 @@ pub struct State(Arc<Inner>);
 struct Inner {
     registry: Registry,
     ready: AtomicBool,
+    probe: Option<Box<dyn Probe>>,
 }
 
 impl State {
@@ -25,6 +39,16 @@ impl State {
         State(Arc::new(Inner {
             registry,
             ready: AtomicBool::new(false),
+            probe: None,
+        }))
+    }
+
+    /// A server whose readiness and scrape-time gauges come from `probe`.
+    pub fn with_probe(registry: Registry, probe: impl Probe) -> Self {
+        State(Arc::new(Inner {
+            registry,
+            ready: AtomicBool::new(false),
+            probe: Some(Box::new(probe)),
         }))
     }
 
@@ -51,6 +75,9 @@ pub async fn serve(
 }
 
 async fn metrics(extract::State(state): extract::State<State>) -> impl IntoResponse {
+    if let Some(probe) = &state.0.probe {
+        probe.before_scrape();
+    }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.0.registry) {
         Ok(()) => (
@@ -70,9 +97,13 @@ async fn metrics(extract::State(state): extract::State<State>) -> impl IntoRespo
 }
 
 async fn readyz(extract::State(state): extract::State<State>) -> impl IntoResponse {
-    if state.0.ready.load(Ordering::Acquire) {
+    let (ready, not_ready) = match &state.0.probe {
+        Some(probe) => (probe.ready(), probe.not_ready_message()),
+        None => (state.0.ready.load(Ordering::Acquire), "caches not synced"),
+    };
+    if ready {
         (StatusCode::OK, "ready")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+        (StatusCode::SERVICE_UNAVAILABLE, not_ready)
     }
 }

@@ -2,7 +2,10 @@
 //! for the proxy, the SCG simulator or a local upstream). The target Secret is written by
 //! the test the way the operator writes it.
 
-mod agent_common;
+mod common {
+    pub mod agent;
+    pub mod harness;
+}
 
 use std::{
     sync::{
@@ -12,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::*;
+use common::agent::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use testkit::{

@@ -2,57 +2,17 @@
 //! least-privilege RBAC, a native sidecar whose arguments the binary accepts, and
 //! components that grant only what their feature needs.
 
-use std::{
-    collections::BTreeSet,
-    path::{Path, PathBuf},
-    process::Command,
+mod common {
+    pub mod manifests;
+}
+
+use std::{collections::BTreeSet, process::Command};
+
+use common::manifests::{
+    Scratch, assert_fields_in_schema, copy_dir, example, get, one, parse_docs as docs, repo, s,
+    seq, strs,
 };
-
-use serde::Deserialize as _;
 use serde_yaml::Value;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|d| Value::deserialize(d).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-fn example(name: &str) -> Vec<Value> {
-    docs(&std::fs::read_to_string(repo().join("examples").join(name)).expect("example"))
-}
-
-fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
-    static NULL: Value = Value::Null;
-    path.split('.').fold(v, |v, k| match k.parse::<usize>() {
-        Ok(i) => v.get(i).unwrap_or(&NULL),
-        Err(_) => v.get(k).unwrap_or(&NULL),
-    })
-}
-
-fn s<'a>(v: &'a Value, path: &str) -> &'a str {
-    get(v, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("{path} is not a string"))
-}
-
-fn seq(v: &Value) -> &[Value] {
-    v.as_sequence().map_or(&[], |s| s.as_slice())
-}
-
-fn strs(v: &Value) -> Vec<&str> {
-    seq(v).iter().filter_map(Value::as_str).collect()
-}
-
-fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
-    let found: Vec<_> = objs.iter().filter(|o| get(o, "kind") == kind).collect();
-    assert_eq!(found.len(), 1, "expected exactly one {kind}");
-    found[0]
-}
 
 /// (apiGroup, resource, verb, resourceNames) of every rule; no wildcards allowed.
 fn rules(role: &Value) -> BTreeSet<(String, String, String, Vec<String>)> {
@@ -254,29 +214,6 @@ fn the_file_example_shares_a_memory_volume_with_group_readable_files() {
     );
 }
 
-fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
-    if let Some(items) = value.as_sequence() {
-        for item in items {
-            assert_fields_in_schema(item, get(schema, "items"), &format!("{path}[]"));
-        }
-        return;
-    }
-    let Some(map) = value.as_mapping() else {
-        return;
-    };
-    // A map of free keys (labels, annotations).
-    if get(schema, "properties").is_null() && !get(schema, "additionalProperties").is_null() {
-        return;
-    }
-    for (key, child) in map {
-        let key = key.as_str().unwrap();
-        let sub = get(schema, "properties")
-            .get(key)
-            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
-        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
-    }
-}
-
 #[test]
 fn the_consumers_example_fits_the_crd_and_the_other_examples() {
     let token = &example("scgtoken-consumers.yaml")[0];
@@ -310,29 +247,6 @@ fn require_kubectl(test: &str) -> bool {
         eprintln!("\n*** SKIPPED {test}: kubectl not found ***\n");
     }
     ok
-}
-
-/// A scratch copy of deploy/ and crds/ (kustomize loads only relative paths), removed
-/// on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// Renders `kustomization` (with `files`) in a directory beside copies of deploy/ and

@@ -4,8 +4,8 @@
 //! loops call the simulator's protected endpoint several times a second and count
 //! failed calls.
 
-mod agent_common;
 mod common {
+    pub mod agent;
     pub mod harness;
 }
 
@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{Agent, Scratch, TARGET, get, http, wait_ready};
+use common::agent::{Agent, Scratch, TARGET, get, http, wait_ready};
 use common::harness::{Env, PATIENCE};
 use testkit::scgsim::{PROTECTED_PATH, SimConfig};
 
@@ -96,7 +96,7 @@ async fn consumers_make_no_failed_call_across_rotations_with_revoke_on_refresh()
     })
     .await;
     env.credentials("scg-credentials", "rotation-key").await;
-    env.scgtoken(agent_common::SCGTOKEN, "scg-credentials", |s| {
+    env.scgtoken(common::agent::SCGTOKEN, "scg-credentials", |s| {
         s.target.name = Some(TARGET.into());
     })
     .await;
@@ -160,7 +160,7 @@ async fn consumers_make_no_failed_call_across_rotations_with_revoke_on_refresh()
     assert_eq!(n(&via_file.failures), 0, "calls with the token file failed");
 
     let tokens = env.sim.issued_tokens();
-    agent_common::assert_no_leak("agent logs", &agent.logs(), &tokens);
-    agent_common::assert_no_leak("agent metrics", &metrics, &tokens);
+    common::agent::assert_no_leak("agent logs", &agent.logs(), &tokens);
+    common::agent::assert_no_leak("agent metrics", &metrics, &tokens);
     env.finish().await;
 }

@@ -16,6 +16,10 @@
 //! The in-memory server evaluates no CEL rule, so the spec rows exercise the runtime
 //! mirror of those rules, which must give the same verdict.
 
+mod common {
+    pub mod context;
+}
+
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
@@ -23,30 +27,22 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use jiff::{SignedDuration, Timestamp};
+use jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
     api::{core::v1::Secret, events::v1::Event},
-    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api, CustomResourceExt,
+    Api,
     api::{ListParams, PostParams},
-    runtime::{
-        events::{Recorder, Reporter},
-        reflector,
-    },
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
     crd::{
         MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken, ScgTokenSpec, SecretName,
     },
-    leader::Leadership,
-    policy::Clock,
     reconcile::{Context, Deps, reconcile},
-    report::Metrics,
     scg::{HttpTokenApi, RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use testkit::apiserver::ApiServer;
@@ -55,6 +51,8 @@ use tokio::{
     net::{TcpListener, TcpStream},
     time::timeout,
 };
+
+use common::context::{ManualClock, api_server, deps};
 
 const NS: &str = "default";
 /// Every credential and token in this file contains this word; no text a user or an
@@ -76,22 +74,6 @@ const ROW_BOUND: Duration = Duration::from_secs(60);
 
 // ---------------------------------------------------------------------------------------
 // The world of one row: an API server, a clock, the token APIs and the operator context.
-
-/// A clock the test moves by hand.
-struct FakeClock(Mutex<Timestamp>);
-
-impl FakeClock {
-    fn advance(&self, d: Duration) {
-        let mut t = self.0.lock().unwrap();
-        *t += SignedDuration::try_from(d).unwrap();
-    }
-}
-
-impl Clock for FakeClock {
-    fn now(&self) -> Timestamp {
-        *self.0.lock().unwrap()
-    }
-}
 
 /// What one refresh call carried.
 #[derive(Clone)]
@@ -145,41 +127,25 @@ struct World {
     server: ApiServer,
     client: kube::Client,
     apis: Arc<Apis>,
-    clock: Arc<FakeClock>,
+    clock: Arc<ManualClock>,
     ctx: Arc<Context>,
     registry: Registry,
 }
 
 impl World {
     async fn new(allow_insecure: bool) -> World {
-        let server = ApiServer::start().await.expect("start API server");
-        let client = server.client();
-        Api::<CustomResourceDefinition>::all(client.clone())
-            .create(&PostParams::default(), &ScgToken::crd())
-            .await
-            .expect("create CRD");
+        let (server, client) = api_server().await;
         let apis = Arc::new(Apis {
             http: HttpTokenApi::new().expect("HTTP client"),
             sent: Mutex::default(),
             issued: Mutex::default(),
         });
-        let clock = Arc::new(FakeClock(Mutex::new(
-            Timestamp::from_second(1_800_000_000).unwrap(),
-        )));
+        let clock = ManualClock::new();
         let mut registry = Registry::default();
-        let reporter = Reporter {
-            controller: "scg-token-operator".into(),
-            instance: Some("test".into()),
-        };
+        let deps = deps(&client, apis.clone(), clock.clone(), &mut registry);
         let ctx = Arc::new(Context::new(Deps {
-            client: client.clone(),
-            token_api: apis.clone(),
-            clock: clock.clone(),
-            recorder: Recorder::new(client.clone(), reporter),
-            metrics: Arc::new(Metrics::register(&mut registry)),
-            leadership: Leadership::always(),
             allow_insecure,
-            tokens: reflector::store().0,
+            ..deps
         }));
         World {
             server,

@@ -7,6 +7,10 @@
 //! budget runs on a timer the test moves by hand, so every count below is exact at each
 //! instant and nothing depends on how fast the machine is.
 
+mod common {
+    pub mod context;
+}
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -14,29 +18,25 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use jiff::{SignedDuration, Timestamp};
+use jiff::SignedDuration;
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use kube::{
-    Api, CustomResourceExt,
+    Api,
     api::{Patch, PatchParams, PostParams},
-    runtime::{
-        controller::Action,
-        events::{Recorder, Reporter},
-        reflector,
-    },
+    runtime::controller::Action,
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
     budget::{Budget, Rate, Timer, Turn},
     crd::{ScgToken, ScgTokenSpec},
-    leader::Leadership,
-    policy::Clock,
-    reconcile::{Context, Deps, reconcile},
+    reconcile::{Context, reconcile},
     report::Metrics,
     scg::{Endpoint, RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use testkit::apiserver::ApiServer;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use common::context::{ManualClock, api_server, deps};
 
 const NS: &str = "default";
 const A: &str = "https://a.example/apptoken-refresh";
@@ -76,21 +76,6 @@ impl Timer for ManualTimer {
         Box::pin(async move {
             let _ = rx.wait_for(|o| base + *o >= at).await;
         })
-    }
-}
-
-/// The wall clock the reconciler reads; it stands still unless moved.
-struct FakeClock(Mutex<Timestamp>);
-
-impl Clock for FakeClock {
-    fn now(&self) -> Timestamp {
-        *self.0.lock().unwrap()
-    }
-}
-
-impl FakeClock {
-    fn advance(&self, d: Duration) {
-        *self.0.lock().unwrap() += SignedDuration::try_from(d).unwrap();
     }
 }
 
@@ -175,50 +160,33 @@ struct World {
     server: ApiServer,
     client: kube::Client,
     timer: Arc<ManualTimer>,
-    clock: Arc<FakeClock>,
+    clock: Arc<ManualClock>,
     api: Arc<FakeApi>,
 }
 
 impl World {
     async fn new() -> World {
-        let server = ApiServer::start().await.expect("start API server");
-        let client = server.client();
-        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            Api::all(client.clone());
-        crds.create(&PostParams::default(), &ScgToken::crd())
-            .await
-            .expect("create CRD");
+        let (server, client) = api_server().await;
         let timer = ManualTimer::new();
         World {
             server,
             client,
             api: FakeApi::new(&timer),
             timer,
-            clock: Arc::new(FakeClock(Mutex::new(
-                Timestamp::from_second(1_800_000_000).unwrap(),
-            ))),
+            clock: ManualClock::new(),
         }
     }
 
     /// A new process's context whose refreshes share `rate` on the manual timer.
     fn context(&self, rate: Option<Rate>) -> Arc<Context> {
-        let reporter = Reporter {
-            controller: "scg-token-operator".into(),
-            instance: Some("test".into()),
-        };
-        let metrics = Arc::new(Metrics::register(&mut Registry::default()));
-        let budget = Budget::new(rate, self.timer.clone(), &metrics);
-        let ctx = Context::new(Deps {
-            client: self.client.clone(),
-            token_api: self.api.clone(),
-            clock: self.clock.clone(),
-            recorder: Recorder::new(self.client.clone(), reporter),
-            metrics,
-            leadership: Leadership::always(),
-            allow_insecure: false,
-            tokens: reflector::store().0,
-        });
-        Arc::new(ctx.with_budget(budget))
+        let deps = deps(
+            &self.client,
+            self.api.clone(),
+            self.clock.clone(),
+            &mut Registry::default(),
+        );
+        let budget = Budget::new(rate, self.timer.clone(), &deps.metrics);
+        Arc::new(Context::new(deps).with_budget(budget))
     }
 
     fn tokens(&self) -> Api<ScgToken> {

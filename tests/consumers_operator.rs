@@ -7,20 +7,20 @@
 //! thaws, a dead pod dropping out, the `CONSUMERS` column, the `scgtoken_consumers`
 //! metrics, Events, and rollout restarts; never a token.
 
-mod agent_common;
 mod common {
     // Other tests use the rest of it.
     #[allow(dead_code)]
     pub mod admin;
+    pub mod agent;
     pub mod harness;
     pub mod metrics;
 }
 
-use std::{process::Stdio, sync::Arc, time::Duration};
+use std::{process::Stdio, time::Duration};
 
-use agent_common::{Agent, SCGTOKEN, Scratch, TARGET, assert_no_leak};
 use common::{
     admin::{admin_addr, http, metrics_text},
+    agent::{Agent, SCGTOKEN, Scratch, TARGET, assert_no_leak},
     harness::{Env, PATIENCE, wait_target_change},
     metrics::{metric, parse_metrics},
 };
@@ -37,7 +37,6 @@ use scg_token_operator::{
     },
 };
 use testkit::scgsim::SimConfig;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// Revoke on refresh, no grace: a pod that has not switched holds a dead token.
 fn revoking() -> SimConfig {
@@ -286,61 +285,6 @@ async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out()
     env.finish().await;
 }
 
-/// An operator process started with extra environment variables. Killed when dropped.
-struct Process {
-    child: tokio::process::Child,
-    logs: Arc<std::sync::Mutex<String>>,
-}
-
-impl Process {
-    fn operator(env: &Env, vars: &[(&str, &str)]) -> Process {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
-            .args([
-                "run",
-                "--allow-insecure-endpoints",
-                "--admin-addr=127.0.0.1:0",
-                "--leader-elect=false",
-                &format!("--namespace={}", env.namespace),
-                "--log-level=debug",
-            ])
-            .env("KUBECONFIG", &env.kubeconfig)
-            .env("NO_COLOR", "1")
-            .env_remove("RUST_LOG")
-            .envs(vars.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the operator");
-        let logs = Arc::new(std::sync::Mutex::new(String::new()));
-        let outs: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
-            child.stdout.take().map(|s| Box::new(s) as _),
-            child.stderr.take().map(|s| Box::new(s) as _),
-        ];
-        for out in outs.into_iter().flatten() {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut l = logs.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
-        Process { child, logs }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    async fn stop(&mut self) {
-        let _ = self.child.kill().await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_need_the_flag_and_the_components_variable_turns_them_on() {
     let env = Env::start(revoking()).await;
@@ -377,10 +321,10 @@ async fn reports_need_the_flag_and_the_components_variable_turns_them_on() {
     off.terminate(PATIENCE).await;
 
     // With the variable the component sets: the agent's report shows.
-    let mut on = Process::operator(&env, &[("SCG_CONSUMER_REPORTS", "true")]);
+    let mut on = env.operator_with_env(&[], &[("SCG_CONSUMER_REPORTS", Some("true"))]);
     wait_consumers(&env, "True", "UpToDate", |c| c.summary == "1/1").await;
     wait_event(&env, "Normal", "ConsumersUpToDate").await;
-    on.stop().await;
+    on.kill().await;
 
     let tokens = env.sim.issued_tokens();
     assert_no_leak("operator logs", &on.logs(), &tokens);

@@ -8,6 +8,10 @@
 //! that answers the pods API itself (recording label selectors and patches) and relays
 //! everything else to the API server.
 
+mod common {
+    pub mod context;
+}
+
 use std::{
     collections::{BTreeMap, VecDeque},
     sync::{
@@ -29,15 +33,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{LabelSelector, MicroTime, ObjectMeta},
 };
 use kube::{
-    Api, CustomResourceExt,
+    Api,
     api::{ListParams, Patch, PatchParams, PostParams},
-    runtime::{
-        WatchStreamExt,
-        controller::Action,
-        events::{Recorder, Reporter},
-        reflector::{self, Store},
-        watcher,
-    },
+    runtime::{WatchStreamExt, controller::Action, reflector::Store, watcher},
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
@@ -47,31 +45,17 @@ use scg_token_operator::{
         RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
         ScgToken, ScgTokenSpec,
     },
-    leader::Leadership,
     policy::Clock,
-    reconcile::{Context, Deps, reconcile},
-    report::Metrics,
+    reconcile::{Context, reconcile},
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use serde_json::{Value, json};
 use testkit::apiserver::ApiServer;
 
+use common::context::{ManualClock, deps, install_crd};
+
 const NS: &str = "default";
 const CONSUMER_SECRET: &str = "planted-consumer-secret-77aa";
-
-struct FakeClock(Mutex<Timestamp>);
-
-impl FakeClock {
-    fn advance(&self, d: Duration) {
-        *self.0.lock().unwrap() += SignedDuration::try_from(d).unwrap();
-    }
-}
-
-impl Clock for FakeClock {
-    fn now(&self) -> Timestamp {
-        *self.0.lock().unwrap()
-    }
-}
 
 /// Issues the queued tokens, each valid for its lifetime.
 #[derive(Default)]
@@ -203,7 +187,7 @@ struct World {
     /// Through the front.
     client: kube::Client,
     api: Arc<FakeApi>,
-    clock: Arc<FakeClock>,
+    clock: Arc<ManualClock>,
     ctx: Arc<Context>,
     pods: Arc<Pods>,
     /// The operator's Lease cache, when on.
@@ -221,29 +205,11 @@ impl World {
         let mut config = kube::Config::new(url.parse().unwrap());
         config.default_retry = false;
         let client = kube::Client::try_from(config).unwrap();
-        Api::all(client.clone())
-            .create(&PostParams::default(), &ScgToken::crd())
-            .await
-            .expect("CRD");
+        install_crd(&client).await;
         let api = Arc::new(FakeApi::default());
-        let clock = Arc::new(FakeClock(Mutex::new(
-            Timestamp::from_second(1_800_000_000).unwrap(),
-        )));
+        let clock = ManualClock::new();
         let mut registry = Registry::default();
-        let reporter = Reporter {
-            controller: "scg-token-operator".into(),
-            instance: Some("test".into()),
-        };
-        let ctx = Context::new(Deps {
-            client: client.clone(),
-            token_api: api.clone(),
-            clock: clock.clone(),
-            recorder: Recorder::new(client.clone(), reporter),
-            metrics: Arc::new(Metrics::register(&mut registry)),
-            leadership: Leadership::always(),
-            allow_insecure: false,
-            tokens: reflector::store().0,
-        });
+        let ctx = Context::new(deps(&client, api.clone(), clock.clone(), &mut registry));
         // Fed from the API server directly, as the controller's watch would be.
         let (ctx, writer) = ctx.with_consumer_reports(reports);
         let mut leases = None;

@@ -12,8 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
 use common::manifests::{
-    OPERATOR_NS, Permission, SERVICE_ACCOUNT, get, granted, grants, kustomize, name_of, parse_docs,
-    permissions, repo, s, seq, strs,
+    OPERATOR_NS, Permission, SERVICE_ACCOUNT, assert_fields_in_schema, env_value, example, get,
+    granted, grants, kustomize, name_of, of_kind, one, operator_container, parse_docs, permissions,
+    repo, s, seq, strs,
 };
 use serde_yaml::Value;
 
@@ -31,16 +32,6 @@ const ADMIN_PORT: u64 = 8080;
 
 /// Directories under deploy/ that `kubectl apply -k` may be given ("" is deploy/ itself).
 const SETUPS: &[&str] = &["", "base", "overlays/namespaced", "overlays/prometheus"];
-
-fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    objs.iter().filter(|o| get(o, "kind") == kind).collect()
-}
-
-fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
-    let found = of_kind(objs, kind);
-    assert_eq!(found.len(), 1, "expected exactly one {kind}");
-    found[0]
-}
 
 fn labels(v: &Value, path: &str) -> BTreeMap<String, String> {
     get(v, path)
@@ -97,18 +88,6 @@ fn assert_exact_rbac(objs: &[Value], setup: &str) {
         extra.is_empty() && missing.is_empty(),
         "{setup}: RBAC differs from REQUIRED_PERMISSIONS\n  extra: {extra:?}\n  missing: {missing:?}"
     );
-}
-
-fn operator_container(deploy: &Value) -> &Value {
-    let containers = seq(get(deploy, "spec.template.spec.containers"));
-    assert_eq!(containers.len(), 1, "one container");
-    &containers[0]
-}
-
-fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    seq(get(container, "env"))
-        .iter()
-        .find(|e| get(e, "name") == name)
 }
 
 #[test]
@@ -389,24 +368,6 @@ fn deployment_args_are_accepted_by_the_operator() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-}
-
-fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
-    let Some(map) = value.as_mapping() else {
-        return;
-    };
-    for (key, child) in map {
-        let key = key.as_str().unwrap();
-        let sub = get(schema, "properties")
-            .get(key)
-            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
-        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
-    }
-}
-
-fn example(name: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(repo().join("examples").join(name)).unwrap();
-    parse_docs(&text)
 }
 
 #[test]

@@ -13,22 +13,24 @@
 //!
 //! Without SCG_HELM they run testenv/helm/build themselves; a missing tool fails them.
 
+mod common {
+    pub mod manifests;
+}
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use serde::Deserialize as _;
+use common::manifests::{
+    env_value as env, get, of_kind, one, operator_container, parse_docs, repo, s, seq, strs,
+};
 use serde_yaml::Value;
 
 const NEEDS_HELM: &str = "needs helm: run testenv/helm/build";
 const RELEASE: &str = "scg-token-operator";
 const NAMESPACE: &str = "scg-token-operator";
 const CHART: &str = "charts/scg-token-operator";
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The helm binary: $SCG_HELM, else whatever testenv/helm/build prints (building it on
 /// first use). Panics when neither works: an ignored test that was asked for must not
@@ -92,60 +94,8 @@ fn kustomize(dir: &str) -> Vec<Value> {
     parse_docs(&out)
 }
 
-fn parse_docs(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("valid YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
-/// Follows a dotted path; `Value::Null` if any step is missing.
-fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
-    static NULL: Value = Value::Null;
-    path.split('.')
-        .fold(v, |v, key| match key.parse::<usize>() {
-            Ok(i) => v.get(i).unwrap_or(&NULL),
-            Err(_) => v.get(key).unwrap_or(&NULL),
-        })
-}
-
-fn s<'a>(v: &'a Value, path: &str) -> &'a str {
-    get(v, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("{path} is not a string"))
-}
-
-fn seq(v: &Value) -> &[Value] {
-    v.as_sequence().map_or(&[], |s| s.as_slice())
-}
-
-fn strs(v: &Value) -> Vec<&str> {
-    seq(v).iter().filter_map(Value::as_str).collect()
-}
-
-fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
-    objs.iter().filter(|o| get(o, "kind") == kind).collect()
-}
-
-fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
-    let found = of_kind(objs, kind);
-    assert_eq!(found.len(), 1, "expected exactly one {kind}");
-    found[0]
-}
-
 fn container(objs: &[Value]) -> &Value {
-    let containers = seq(get(
-        one(objs, "Deployment"),
-        "spec.template.spec.containers",
-    ));
-    assert_eq!(containers.len(), 1, "one container");
-    &containers[0]
-}
-
-fn env<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
-    seq(get(container, "env"))
-        .iter()
-        .find(|e| get(e, "name") == name)
+    operator_container(one(objs, "Deployment"))
 }
 
 fn labels_match(selector: &Value, labels: &Value) -> bool {

@@ -2,6 +2,10 @@
 //! token API and a hand-moved clock. Each test drives one situation a user would meet
 //! and asserts what they would see: the target Secret, status, Events, API calls.
 
+mod common {
+    pub mod context;
+}
+
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex},
@@ -15,45 +19,26 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
-    Api, CustomResourceExt, ResourceExt,
+    Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::{
-        events::{Recorder, Reporter},
-        reflector::{self, Store},
-    },
+    runtime::reflector::{self, Store},
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
     chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
-    leader::Leadership,
     policy::Clock,
     reconcile::{Context, Deps, reconcile},
-    report::Metrics,
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use testkit::apiserver::ApiServer;
+
+use common::context::{ManualClock, api_server, deps};
 
 const KEY: &str = "planted-consumer-key-5c1d";
 const SECRET: &str = "planted-consumer-secret-9b2e";
 const SEED: &str = "planted-seed-token-0a7f";
 const NS: &str = "default";
-
-/// A clock the test moves by hand.
-struct FakeClock(Mutex<Timestamp>);
-
-impl FakeClock {
-    fn advance(&self, d: Duration) {
-        let mut t = self.0.lock().unwrap();
-        *t += SignedDuration::try_from(d).unwrap();
-    }
-}
-
-impl Clock for FakeClock {
-    fn now(&self) -> Timestamp {
-        *self.0.lock().unwrap()
-    }
-}
 
 /// A token API that answers from a script and records the old tokens it was sent.
 #[derive(Default)]
@@ -101,7 +86,7 @@ impl TokenApi for FakeApi {
 }
 
 /// A fresh operator context: what a newly started process has (nothing in memory).
-fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<FakeClock>) -> Arc<Context> {
+fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<ManualClock>) -> Arc<Context> {
     context_with_cache(client, api, clock, reflector::store().0)
 }
 
@@ -109,46 +94,26 @@ fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<FakeClock>) ->
 fn context_with_cache(
     client: &kube::Client,
     api: &Arc<FakeApi>,
-    clock: &Arc<FakeClock>,
+    clock: &Arc<ManualClock>,
     tokens: Store<ScgToken>,
 ) -> Arc<Context> {
-    let reporter = Reporter {
-        controller: "scg-token-operator".into(),
-        instance: Some("test".into()),
-    };
-    Arc::new(Context::new(Deps {
-        client: client.clone(),
-        token_api: api.clone(),
-        clock: clock.clone(),
-        recorder: Recorder::new(client.clone(), reporter),
-        metrics: Arc::new(Metrics::register(&mut Registry::default())),
-        leadership: Leadership::always(),
-        allow_insecure: false,
-        tokens,
-    }))
+    let deps = deps(client, api.clone(), clock.clone(), &mut Registry::default());
+    Arc::new(Context::new(Deps { tokens, ..deps }))
 }
 
 struct World {
     server: ApiServer,
     client: kube::Client,
     api: Arc<FakeApi>,
-    clock: Arc<FakeClock>,
+    clock: Arc<ManualClock>,
     ctx: Arc<Context>,
 }
 
 impl World {
     async fn new() -> World {
-        let server = ApiServer::start().await.expect("start API server");
-        let client = server.client();
-        let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
-            Api::all(client.clone());
-        crds.create(&PostParams::default(), &ScgToken::crd())
-            .await
-            .expect("create CRD");
+        let (server, client) = api_server().await;
         let api = Arc::new(FakeApi::default());
-        let clock = Arc::new(FakeClock(Mutex::new(
-            Timestamp::from_second(1_800_000_000).unwrap(),
-        )));
+        let clock = ManualClock::new();
         let ctx = context(&client, &api, &clock);
         let w = World {
             server,

@@ -1,11 +1,11 @@
-//! The agent's admin server: `/healthz`, `/readyz` and `/metrics`.
+//! The agent's metrics and readiness rule, served by the shared admin server
+//! ([`crate::admin`]): `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Ready means: the pod can use an unexpired token now (in file mode, the files hold it).
 //! Metrics carry the served token's fingerprint, never the token.
 
-use std::{future::Future, sync::Arc, sync::atomic::AtomicU64};
+use std::{sync::Arc, sync::atomic::AtomicU64};
 
-use axum::{Router, extract, http::StatusCode, response::IntoResponse, routing::get};
 use jiff::Timestamp;
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -153,29 +153,20 @@ impl Metrics {
     }
 }
 
-/// Shared state of the admin server.
-#[derive(Clone)]
-pub struct State(Arc<Inner>);
-
-struct Inner {
-    registry: Registry,
+/// The agent's readiness rule for the shared admin server ([`crate::admin`]).
+pub struct Readiness {
     served: ServedRx,
     metrics: Arc<Metrics>,
 }
 
-impl State {
-    pub fn new(registry: Registry, served: ServedRx, metrics: Arc<Metrics>) -> State {
-        State(Arc::new(Inner {
-            registry,
-            served,
-            metrics,
-        }))
+impl Readiness {
+    pub fn new(served: ServedRx, metrics: Arc<Metrics>) -> Readiness {
+        Readiness { served, metrics }
     }
 
     /// Whether an unexpired token is served at `now`.
-    pub fn ready(&self, now: Timestamp) -> bool {
-        self.0
-            .served
+    pub fn ready_at(&self, now: Timestamp) -> bool {
+        self.served
             .borrow()
             .as_ref()
             .is_some_and(|s| s.is_fresh(now))
@@ -183,9 +174,9 @@ impl State {
 
     /// Brings the time-dependent gauges up to date.
     fn refresh_gauges(&self, now: Timestamp) {
-        let m = &self.0.metrics;
-        m.ready.set(i64::from(self.ready(now)));
-        if let Some(s) = self.0.served.borrow().as_ref() {
+        let m = &self.metrics;
+        m.ready.set(i64::from(self.ready_at(now)));
+        if let Some(s) = self.served.borrow().as_ref() {
             let born = s.token.issued_at.unwrap_or(s.since);
             m.token_age
                 .set(now.duration_since(born).as_secs_f64().max(0.0));
@@ -198,46 +189,16 @@ impl State {
     }
 }
 
-/// Serves until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: State,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics(extract::State(state): extract::State<State>) -> impl IntoResponse {
-    state.refresh_gauges(Timestamp::now());
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &state.0.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [("content-type", "text/plain")],
-            String::new(),
-        ),
+impl crate::admin::Probe for Readiness {
+    fn ready(&self) -> bool {
+        self.ready_at(Timestamp::now())
     }
-}
 
-async fn readyz(extract::State(state): extract::State<State>) -> impl IntoResponse {
-    if state.ready(Timestamp::now()) {
-        (StatusCode::OK, "ready")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "no unexpired token served")
+    fn not_ready_message(&self) -> &'static str {
+        "no unexpired token served"
+    }
+
+    fn before_scrape(&self) {
+        self.refresh_gauges(Timestamp::now());
     }
 }

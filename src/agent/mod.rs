@@ -263,8 +263,9 @@ where
 {
     let admin = tokio::net::TcpListener::bind(args.admin_addr).await?;
     info!(addr = %admin.local_addr()?, "admin server listening");
-    let state = health::State::new(registry, served.clone(), metrics.clone());
-    let mut tasks = vec![tokio::spawn(health::serve(admin, state, stopped()))];
+    let readiness = health::Readiness::new(served.clone(), metrics.clone());
+    let state = crate::admin::State::with_probe(registry, readiness);
+    let mut tasks = vec![tokio::spawn(crate::admin::serve(admin, state, stopped()))];
     if let Some(config) = proxy {
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         info!(addr = %listener.local_addr()?, "proxy listening");

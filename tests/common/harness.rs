@@ -342,6 +342,27 @@ fn rand_u32() -> u32 {
         .unwrap_or(0)
 }
 
+/// Collects the piped stdout and stderr of `child`, line by line, as they come.
+pub fn capture_output(child: &mut tokio::process::Child) -> Arc<Mutex<String>> {
+    let logs = Arc::new(Mutex::new(String::new()));
+    let outs: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
+        child.stdout.take().map(|s| Box::new(s) as _),
+        child.stderr.take().map(|s| Box::new(s) as _),
+    ];
+    for out in outs.into_iter().flatten() {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(out).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut l = logs.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+    }
+    logs
+}
+
 /// A running operator process. Killed when dropped (also when a test panics).
 pub struct Operator {
     child: tokio::process::Child,
@@ -372,30 +393,7 @@ impl Operator {
             .kill_on_drop(true)
             .spawn()
             .expect("start scg-token-operator");
-        let logs = Arc::new(Mutex::new(String::new()));
-        for out in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut l = logs.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
+        let logs = capture_output(&mut child);
         Operator { child, logs }
     }
 

@@ -1,4 +1,6 @@
-//! The kustomize manifests under deploy/, rendered, and the RBAC they grant the operator.
+//! The kustomize manifests under deploy/, rendered, and the RBAC they grant the operator;
+//! and the YAML helpers the manifest tests share.
+#![allow(dead_code)] // Each test binary uses a different part of this module.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -15,8 +17,9 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A scratch copy of deploy/ and crds/ for when crds/scgtoken.yaml is not generated yet.
-struct Scratch(PathBuf);
+/// A scratch directory (copies of deploy/ and crds/, kustomize loads only relative
+/// paths), removed on drop.
+pub struct Scratch(pub PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -24,7 +27,7 @@ impl Drop for Scratch {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
@@ -132,13 +135,67 @@ pub fn strs(v: &Value) -> Vec<&str> {
     seq(v).iter().filter_map(Value::as_str).collect()
 }
 
+pub fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| get(o, "kind") == kind).collect()
+}
+
+pub fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
+    let found = of_kind(objs, kind);
+    assert_eq!(found.len(), 1, "expected exactly one {kind}");
+    found[0]
+}
+
+/// The only container of a Deployment (the operator's).
+pub fn operator_container(deploy: &Value) -> &Value {
+    let containers = seq(get(deploy, "spec.template.spec.containers"));
+    assert_eq!(containers.len(), 1, "one container");
+    &containers[0]
+}
+
+/// The `env` entry `name` of a container.
+pub fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a Value> {
+    seq(get(container, "env"))
+        .iter()
+        .find(|e| get(e, "name") == name)
+}
+
+/// Fails on a field of `value` that `schema` (an OpenAPI schema of the CRD) does not
+/// declare; maps of free keys (labels, annotations) are not checked.
+pub fn assert_fields_in_schema(value: &Value, schema: &Value, path: &str) {
+    if let Some(items) = value.as_sequence() {
+        for item in items {
+            assert_fields_in_schema(item, get(schema, "items"), &format!("{path}[]"));
+        }
+        return;
+    }
+    let Some(map) = value.as_mapping() else {
+        return;
+    };
+    // A map of free keys (labels, annotations).
+    if get(schema, "properties").is_null() && !get(schema, "additionalProperties").is_null() {
+        return;
+    }
+    for (key, child) in map {
+        let key = key.as_str().unwrap();
+        let sub = get(schema, "properties")
+            .get(key)
+            .unwrap_or_else(|| panic!("{path}.{key} is not in the CRD schema"));
+        assert_fields_in_schema(child, sub, &format!("{path}.{key}"));
+    }
+}
+
+/// The objects of examples/`name`.
+pub fn example(name: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(repo().join("examples").join(name)).expect("example");
+    parse_docs(&text)
+}
+
 pub type Permission = (String, String, String);
 
 /// A role bound to the operator's ServiceAccount, with where it applies.
 pub struct Grant<'a> {
     pub role: &'a Value,
     /// None: cluster-wide (ClusterRoleBinding).
-    #[allow(dead_code)] // Read by tests/deploy.rs, not by every binary that renders.
     pub namespace: Option<String>,
 }
 

@@ -24,10 +24,10 @@ use scg_token_operator::{
     policy::TokenTimes,
     scg::SecretString,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// Upper bound of any wait; generous for a loaded 2-core machine.
-pub const PATIENCE: Duration = Duration::from_secs(60);
+pub use super::harness::PATIENCE;
+use super::harness::capture_output;
+
 pub const NAMESPACE: &str = "default";
 pub const SCGTOKEN: &str = "messaging";
 pub const TARGET: &str = "messaging-scg-token";
@@ -138,22 +138,7 @@ impl Agent {
             .kill_on_drop(true)
             .spawn()
             .expect("start the agent");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let outs: [Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>>; 2] = [
-            child.stdout.take().map(|s| Box::new(s) as _),
-            child.stderr.take().map(|s| Box::new(s) as _),
-        ];
-        for out in outs.into_iter().flatten() {
-            let logs = logs.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let mut l = logs.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-            });
-        }
+        let logs = capture_output(&mut child);
         Agent { child, logs }
     }
 

@@ -208,6 +208,15 @@ pub fn call_figures(judged: &[Judged<'_>]) -> CallFigures {
     f
 }
 
+/// Tokens the simulator issued to the operator that never reached a target Secret (as
+/// far as the watch saw), among calls received before `horizon_ms`: each is a chain cut.
+pub fn lost_tokens(judged: &[Judged<'_>], horizon_ms: f64) -> usize {
+    judged
+        .iter()
+        .filter(|j| j.at_ms < horizon_ms && j.call.issued().is_some() && j.to.is_none())
+        .count()
+}
+
 fn outcome_label(o: &Outcome) -> String {
     match o {
         Outcome::Refreshed { .. } => "refreshed".into(),

@@ -47,6 +47,10 @@ pub struct Args {
     pub duration: Duration,
     #[arg(long, value_enum, default_value_t = Scenario::Steady)]
     pub scenario: Scenario,
+    /// Create the ScgTokens at this rate (per second) after the operator started, like a
+    /// cluster that grows, instead of all before it starts (0).
+    #[arg(long, default_value_t = 0)]
+    pub create_rate: usize,
     /// Secrets no ScgToken refers to, created before the operator starts.
     #[arg(long, default_value_t = 0)]
     pub unrelated_secrets: usize,
@@ -68,6 +72,9 @@ pub struct Args {
     /// Longest wait for every chain's first token, and for start-up.
     #[arg(long, default_value = "900s", value_parser = duration)]
     pub warmup_timeout: Duration,
+    /// Raise the open-file limit of the harness and the operator to this (with prlimit).
+    #[arg(long)]
+    pub nofile: Option<u64>,
     /// Use this operator binary instead of building it with `cargo build --release`.
     #[arg(long)]
     pub operator_bin: Option<PathBuf>,
@@ -87,13 +94,25 @@ fn duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a duration such as 60s, 5m or 24h"))
 }
 
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return "SIGINT";
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
     // Returning drops every guard: the operator, the naive loops and the servers stop.
     let result = tokio::select! {
         r = scenario::run(args) => r,
-        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+        s = stop_signal() => Err(format!("interrupted by {s}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -75,3 +75,29 @@ pub fn mem_total() -> u64 {
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
+
+/// The soft limit on open files of this process (inherited by the operator).
+pub fn nofile() -> u64 {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit (soft and hard) with `prlimit`; needs the
+/// privilege to raise a hard limit.
+pub fn raise_nofile(n: u64) -> Result<(), String> {
+    let status = std::process::Command::new("prlimit")
+        .arg(format!("--pid={}", std::process::id()))
+        .arg(format!("--nofile={n}:{n}"))
+        .status()
+        .map_err(|e| format!("prlimit: {e}"))?;
+    match status.success() {
+        true => Ok(()),
+        false => Err(format!("prlimit --nofile={n} failed: {status}")),
+    }
+}

@@ -34,10 +34,10 @@ pub fn reads_writes(c: &Counts) -> (u64, u64) {
     })
 }
 
-/// "verb group/resource" -> count, writes only.
-pub fn writes_by_verb(c: &Counts) -> BTreeMap<String, u64> {
+/// "verb group/resource" -> count, of writes (`writes == true`) or of reads.
+pub fn by_verb(c: &Counts, writes: bool) -> BTreeMap<String, u64> {
     c.iter()
-        .filter(|((verb, _), _)| WRITE_VERBS.contains(&verb.as_str()))
+        .filter(|((verb, _), _)| WRITE_VERBS.contains(&verb.as_str()) == writes)
         .map(|((verb, res), n)| (format!("{verb} {res}"), *n))
         .collect()
 }
@@ -46,6 +46,8 @@ pub fn writes_by_verb(c: &Counts) -> BTreeMap<String, u64> {
 pub struct Machine {
     pub nproc: usize,
     pub mem_total_gib: f64,
+    /// Open-file limit of the harness and the operator.
+    pub nofile: u64,
     pub loadavg_start: f64,
     pub loadavg_end: f64,
 }
@@ -71,6 +73,7 @@ pub struct Api {
     pub reads: u64,
     pub writes: u64,
     pub writes_by_verb: BTreeMap<String, u64>,
+    pub reads_by_verb: BTreeMap<String, u64>,
     pub reads_per_rotation: f64,
     pub writes_per_rotation: f64,
 }
@@ -118,11 +121,18 @@ pub struct Report {
     pub unrelated_secrets: usize,
     pub unrelated_bytes: usize,
     pub machine: Machine,
+    /// ScgTokens created per second after the operator started; 0: all before.
+    pub create_rate: usize,
     /// Creating the ScgTokens, credentials Secrets and simulator applications.
     pub setup_s: f64,
     pub unrelated_create_s: Option<f64>,
     /// Operator start to every chain's first token stored (N seeds refreshed at once).
     pub first_stored_s: f64,
+    /// Refresh calls before the window (the first refresh of each chain and retries).
+    pub warmup_calls: usize,
+    pub warmup_failures: BTreeMap<String, usize>,
+    /// Tokens issued to the operator that never reached a Secret, over the whole run.
+    pub lost_tokens: usize,
     pub window_s: f64,
     pub rotations: usize,
     pub scg: CallFigures,
@@ -160,20 +170,34 @@ impl Report {
         row(
             "machine",
             format!(
-                "{} cores, {:.0} GiB, load {:.1} -> {:.1}",
+                "{} cores, {:.0} GiB, nofile {}, load {:.1} -> {:.1}",
                 self.machine.nproc,
                 self.machine.mem_total_gib,
+                self.machine.nofile,
                 self.machine.loadavg_start,
                 self.machine.loadavg_end
             ),
         );
-        row("setup (objects created)", format!("{:.1}s", self.setup_s));
+        row(
+            "setup (objects created)",
+            match self.create_rate {
+                0 => format!("{:.1}s, before the operator started", self.setup_s),
+                r => format!("{:.1}s, {r}/s while the operator ran", self.setup_s),
+            },
+        );
         if let Some(s) = self.unrelated_create_s {
             row("unrelated Secrets created in", format!("{s:.1}s"));
         }
         row(
             "first token of every chain stored",
-            format!("{:.1}s after operator start", self.first_stored_s),
+            format!(
+                "{:.1}s after operator start ({} calls; failures {:?})",
+                self.first_stored_s, self.warmup_calls, self.warmup_failures
+            ),
+        );
+        row(
+            "tokens issued but never stored",
+            format!("{} (whole run)", self.lost_tokens),
         );
         let l = &self.scg.lag_ms;
         row(
@@ -228,8 +252,11 @@ impl Report {
         row(
             "operator CPU",
             format!(
-                "{:.2}s in window; {:.3} ms per rotation; {} reconciles",
-                o.cpu_s, o.cpu_per_rotation_ms, o.reconciles
+                "{:.2}s in window; {:.3} ms per rotation; {} reconciles ({:.2} per rotation)",
+                o.cpu_s,
+                o.cpu_per_rotation_ms,
+                o.reconciles,
+                o.reconciles as f64 / self.rotations.max(1) as f64
             ),
         );
         row(

@@ -39,6 +39,7 @@ struct Run {
     api: ApiServer,
     sim: ScgSimulator,
     settings: Settings,
+    spec: ScgTokenSpec,
     tokens: Vec<TokenSetup>,
     watch: ChainWatch,
     exe: PathBuf,
@@ -52,6 +53,8 @@ struct Mark {
     counts: Counts,
     op: procfs::Sample,
     harness: procfs::Sample,
+    /// The operator's reconcile counter.
+    reconciles: u64,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -81,6 +84,9 @@ pub async fn run(args: Args) -> Result<()> {
         Some(p) => p.clone(),
         None => operator::build_release()?,
     };
+    if let Some(n) = args.nofile {
+        procfs::raise_nofile(n)?;
+    }
     let work = work_dir(scenario, args.tokens)?;
     eprintln!("logs: {}", work.display());
     let loadavg_start = procfs::loadavg();
@@ -112,12 +118,6 @@ pub async fn run(args: Args) -> Result<()> {
     spec.validity = setup::go_duration(args.lifetime);
     spec.refresh_before_percentage = args.refresh_before_percentage;
     let settings = policy::validate(&spec).map_err(|e| e.0)?;
-    eprintln!("creating {} ScgTokens", args.tokens);
-    let t = Instant::now();
-    let tokens = setup::create_tokens(&client, &sim, args.tokens, &spec)
-        .await
-        .map_err(|e| format!("creating ScgTokens: {e}"))?;
-    let setup_s = t.elapsed().as_secs_f64();
     let watch = ChainWatch::start(client, NAMESPACE);
     let report = Report {
         bench: "scg-token-operator",
@@ -133,10 +133,10 @@ pub async fn run(args: Args) -> Result<()> {
         machine: Machine {
             nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
             mem_total_gib: procfs::mem_total() as f64 / (1u64 << 30) as f64,
+            nofile: procfs::nofile(),
             loadavg_start,
             loadavg_end: 0.0,
         },
-        setup_s,
         unrelated_create_s,
         notes,
         label: args.label.clone(),
@@ -150,7 +150,8 @@ pub async fn run(args: Args) -> Result<()> {
         api,
         sim,
         settings,
-        tokens,
+        spec,
+        tokens: Vec::new(),
         watch,
         exe,
         report,
@@ -185,8 +186,18 @@ impl Run {
         )
     }
 
-    fn mark(&self, op: &Operator) -> Mark {
+    /// The state now; `fresh` for a process just started (its counters are zero and its
+    /// admin server is not up yet).
+    async fn mark(&self, op: &Operator, fresh: bool) -> Mark {
+        let reconciles = match fresh {
+            true => 0,
+            false => op
+                .metrics()
+                .await
+                .map_or(0, |t| operator::parse_metrics(&t).reconciles),
+        };
         Mark {
+            reconciles,
             sys: SystemTime::now(),
             at: Instant::now(),
             counts: self.api.counters().snapshot(),
@@ -195,24 +206,61 @@ impl Run {
         }
     }
 
-    async fn measure(&mut self, naive_k: usize) -> Result<()> {
-        let mut op = self.spawn_operator(1)?;
+    /// Creates the ScgTokens: all at once, or `--create-rate` per second.
+    async fn create_tokens(&mut self, range: std::ops::Range<usize>) -> Result<()> {
+        let client = self.api.client();
+        let made = setup::create_tokens(&client, &self.sim, range, &self.spec)
+            .await
+            .map_err(|e| format!("creating ScgTokens: {e}"))?;
+        self.tokens.extend(made);
+        Ok(())
+    }
+
+    /// Creates the ScgTokens, starts the operator and waits for every chain's first token.
+    async fn warm_up(&mut self) -> Result<Operator> {
+        let n = self.args.tokens;
+        let t = Instant::now();
+        let op = if self.args.create_rate == 0 {
+            eprintln!("creating {n} ScgTokens");
+            self.create_tokens(0..n).await?;
+            self.report.setup_s = t.elapsed().as_secs_f64();
+            self.spawn_operator(1)?
+        } else {
+            let op = self.spawn_operator(1)?;
+            let rate = self.args.create_rate;
+            eprintln!("creating {n} ScgTokens, {rate} per second");
+            // In tenths of a second, so the load is smooth.
+            let batch = rate.div_ceil(10).max(1);
+            let mut next = Instant::now();
+            for from in (0..n).step_by(batch) {
+                tokio::time::sleep_until(next.into()).await;
+                next += Duration::from_secs_f64(batch as f64 / rate as f64);
+                self.create_tokens(from..(from + batch).min(n)).await?;
+            }
+            self.report.setup_s = t.elapsed().as_secs_f64();
+            op
+        };
         eprintln!(
-            "operator started (pid {}); waiting for the first token of {} chains",
-            op.pid(),
-            self.args.tokens
+            "operator started (pid {}); waiting for the first token of {n} chains",
+            op.pid()
         );
+        let mut op = op;
         self.report.first_stored_s = self.wait_stored(&mut op).await?;
+        Ok(op)
+    }
+
+    async fn measure(&mut self, naive_k: usize) -> Result<()> {
+        let mut op = self.warm_up().await?;
         self.settle().await;
         match self.scenario {
             Scenario::Steady | Scenario::Idle => {
-                let start = self.mark(&op);
+                let start = self.mark(&op, false).await;
                 let (end, naive) = tokio::join!(
                     self.window(&mut op, start.at + self.args.duration),
                     self.naive(naive_k),
                 );
                 let (end, rss_max) = end?;
-                self.assemble(&op, &start, &end, rss_max).await;
+                self.assemble(&op, &start, &end, rss_max);
                 if let Some(n) = naive {
                     let n = n?;
                     let ours = self.report.operator.cpu_per_rotation_ms;
@@ -229,11 +277,11 @@ impl Run {
                 eprintln!("stopping the operator; starting it again");
                 op.terminate(Duration::from_secs(30)).await;
                 op = self.spawn_operator(2)?;
-                let start = self.mark(&op);
+                let start = self.mark(&op, true).await;
                 let ready = self.wait_all_ready(&mut op).await?;
                 let until = (start.at + self.args.duration).max(Instant::now());
                 let (end, rss_max) = self.window(&mut op, until).await?;
-                self.assemble(&op, &start, &end, rss_max).await;
+                self.assemble(&op, &start, &end, rss_max);
                 self.startup_figures(&op, &start, ready);
             }
             Scenario::Outage => self.outage(&mut op).await?,
@@ -242,23 +290,36 @@ impl Run {
         Ok(())
     }
 
-    /// Seconds from the operator's start until every chain has a stored token.
-    async fn wait_stored(&self, op: &mut Operator) -> Result<f64> {
+    /// Seconds from the operator's start until every chain has a stored token. Chains
+    /// that make no progress for a minute are given up on (and reported): a chain whose
+    /// new token never reached the Secret cannot be refreshed again.
+    async fn wait_stored(&mut self, op: &mut Operator) -> Result<f64> {
+        const STALL: Duration = Duration::from_secs(60);
         let deadline = Instant::now() + self.args.warmup_timeout;
         let mut last_print = Instant::now();
+        let (mut best, mut progress_at) = (0, Instant::now());
         loop {
             let stored = self.watch.stored_count();
             if stored >= self.args.tokens {
                 return Ok(op.started.elapsed().as_secs_f64());
             }
+            if stored > best {
+                (best, progress_at) = (stored, Instant::now());
+            }
             if !op.alive() {
                 return Err(format!("the operator exited; see {}", self.work.display()));
             }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "only {stored} of {} chains stored a token within {:?}",
-                    self.args.tokens, self.args.warmup_timeout
-                ));
+            if Instant::now() >= deadline || progress_at.elapsed() >= STALL {
+                let missing = self.args.tokens - stored;
+                let msg = format!(
+                    "{missing} of {} chains stored no token: no progress for {:.0}s after {:.0}s",
+                    self.args.tokens,
+                    progress_at.elapsed().as_secs_f64(),
+                    op.started.elapsed().as_secs_f64()
+                );
+                eprintln!("{msg}");
+                self.report.notes.push(msg);
+                return Ok(f64::NAN);
             }
             if last_print.elapsed() > Duration::from_secs(10) {
                 eprintln!("  {stored} chains stored");
@@ -296,7 +357,7 @@ impl Run {
             }
             let now = Instant::now();
             if now >= until {
-                return Ok((self.mark(op), rss_max));
+                return Ok((self.mark(op, false).await, rss_max));
             }
             tokio::time::sleep((until - now).min(Duration::from_secs(1))).await;
         }
@@ -347,12 +408,17 @@ impl Run {
     }
 
     /// Fills the common figures of the window `[start, end]`.
-    async fn assemble(&mut self, op: &Operator, start: &Mark, end: &Mark, rss_max: u64) {
+    fn assemble(&mut self, op: &Operator, start: &Mark, end: &Mark, rss_max: u64) {
         let log = self.sim.refresh_log();
         let states = self.watch.snapshot();
         let judge = self.judge(&states);
         let judged = judge.calls(&log, epoch_ms(start.sys), epoch_ms(end.sys));
         let scg = analysis::call_figures(&judged);
+        let before = judge.calls(&log, 0.0, epoch_ms(start.sys));
+        let warmup = analysis::call_figures(&before);
+        let all = judge.calls(&log, 0.0, f64::INFINITY);
+        // A token issued in the last seconds may still be on its way to the Secret.
+        let lost = analysis::lost_tokens(&all, epoch_ms(end.sys) - 5000.0);
         let window = end.at - start.at;
         let rotations = scg.successes;
         let per = |x: f64| x / rotations.max(1) as f64;
@@ -360,10 +426,6 @@ impl Run {
         let (reads, writes) = report::reads_writes(&counts);
         let cpu = (end.op.cpu.saturating_sub(start.op.cpu)).as_secs_f64();
         let harness_cpu = (end.harness.cpu.saturating_sub(start.harness.cpu)).as_secs_f64();
-        let scraped = match op.metrics().await {
-            Some(text) => operator::parse_metrics(&text),
-            None => operator::Scraped::default(),
-        };
         let (warnings, errors) = op.warnings_errors();
         let dead_at_end = self.dead_chains().len();
         let r = &mut self.report;
@@ -375,7 +437,8 @@ impl Run {
         r.api = Api {
             reads,
             writes,
-            writes_by_verb: report::writes_by_verb(&counts),
+            writes_by_verb: report::by_verb(&counts, true),
+            reads_by_verb: report::by_verb(&counts, false),
             reads_per_rotation: per(reads as f64),
             writes_per_rotation: per(writes as f64),
         };
@@ -385,7 +448,7 @@ impl Run {
             rss_end_mib: procfs::mib(end.op.rss),
             rss_window_max_mib: procfs::mib(rss_max),
             hwm_mib: procfs::mib(end.op.hwm),
-            reconciles: scraped.reconciles,
+            reconciles: end.reconciles.saturating_sub(start.reconciles),
             warnings,
             errors,
         };
@@ -393,6 +456,10 @@ impl Run {
         r.servers_cpu_cores = harness_cpu / window.as_secs_f64().max(1e-9);
         r.servers_rss_mib = procfs::mib(end.harness.rss);
         r.dead_at_end = dead_at_end;
+        r.lost_tokens = lost;
+        r.warmup_calls = warmup.calls;
+        r.warmup_failures = warmup.failures;
+        r.create_rate = self.args.create_rate;
     }
 
     /// Operator chains whose current token has expired.
@@ -505,7 +572,7 @@ impl Run {
         }
         eprintln!("outage of {length:?} starts in {lead:?}");
         tokio::time::sleep(lead).await;
-        let start = self.mark(op);
+        let start = self.mark(op, false).await;
         self.sim.set_fault(Fault::Outage, None);
         let outage_result = self.window(op, start.at + length).await;
         self.sim.clear_faults();
@@ -532,8 +599,8 @@ impl Run {
                 break;
             }
         }
-        let end = self.mark(op);
-        self.assemble(op, &start, &end, rss_max).await;
+        let end = self.mark(op, false).await;
+        self.assemble(op, &start, &end, rss_max);
         let mut figures = last;
         figures.outage_s = length.as_secs_f64();
         self.report.outage = Some(figures);

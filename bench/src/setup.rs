@@ -53,17 +53,17 @@ pub async fn install_crd(client: &kube::Client) -> Result<(), kube::Error> {
         .map(|_| ())
 }
 
-/// Registers N applications with the simulator and creates their credentials Secrets
+/// Registers applications `range` with the simulator and creates their credentials Secrets
 /// and ScgTokens, `CONCURRENCY` requests at a time.
 pub async fn create_tokens(
     client: &kube::Client,
     sim: &ScgSimulator,
-    n: usize,
+    range: std::ops::Range<usize>,
     spec: &ScgTokenSpec,
 ) -> Result<Vec<TokenSetup>, kube::Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
     let tokens: Api<ScgToken> = Api::namespaced(client.clone(), NAMESPACE);
-    let made = futures::stream::iter(0..n)
+    let made = futures::stream::iter(range)
         .map(|i| {
             let (secrets, tokens) = (secrets.clone(), tokens.clone());
             let name = token_name(i);

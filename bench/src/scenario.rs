@@ -267,7 +267,7 @@ impl Run {
                 if let Some(n) = naive {
                     let n = n?;
                     let ours = self.report.operator.cpu_per_rotation_ms;
-                    if n.cpu_per_rotation_ms > 0.0 && ours > 0.0 {
+                    if n.cpu_per_rotation_ms > 0.0 && ours.is_finite() && ours > 0.0 {
                         self.report.cpu_ratio_vs_naive = Some(ours / n.cpu_per_rotation_ms);
                     }
                     self.report.naive = Some(n);
@@ -438,7 +438,11 @@ impl Run {
         let lost = analysis::lost_tokens(&all, epoch_ms(end.sys) - 5000.0);
         let window = end.at - start.at;
         let rotations = scg.successes;
-        let per = |x: f64| x / rotations.max(1) as f64;
+        // Nothing per rotation without a rotation (idle, start-up): NaN, null in JSON.
+        let per = |x: f64| match rotations {
+            0 => f64::NAN,
+            n => x / n as f64,
+        };
         let counts = report::diff(&start.counts, &end.counts);
         let (reads, writes) = report::reads_writes(&counts);
         let cpu = (end.op.cpu.saturating_sub(start.op.cpu)).as_secs_f64();

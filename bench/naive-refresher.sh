@@ -24,7 +24,8 @@ for ((i = 0; i < NAIVE_ROTATIONS; i++)); do
   if kubectl --kubeconfig "$NAIVE_KUBECONFIG" --cache-dir "$NAIVE_CACHE" \
       create secret generic "$NAIVE_NAME" --from-literal=accessToken="$token" \
       --dry-run=client -o yaml |
-    kubectl --kubeconfig "$NAIVE_KUBECONFIG" --cache-dir "$NAIVE_CACHE" apply -f - >/dev/null; then
+    kubectl --kubeconfig "$NAIVE_KUBECONFIG" --cache-dir "$NAIVE_CACHE" --request-timeout=10s \
+      apply -f - >/dev/null; then
     ok=$((ok + 1))
   else
     echo "store failed" >&2

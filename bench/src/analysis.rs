@@ -85,6 +85,8 @@ pub struct Judged<'a> {
     pub to: Option<&'a Stored>,
     /// Actual minus scheduled time, ms (successful calls from a known state).
     pub lag_ms: Option<f64>,
+    /// The same with the operator's send time (the new token's stored issue time).
+    pub send_lag_ms: Option<f64>,
     /// The token presented had expired before the call.
     pub expired: bool,
     /// The call presented the seed of a new chain.
@@ -115,14 +117,15 @@ impl<'a> Judge<'a> {
         let from = state_of(call.old_token.as_deref());
         let to = state_of(call.issued());
         let success = matches!(call.outcome, Outcome::Refreshed { .. });
-        let lag_ms = from.filter(|_| success).and_then(|s| {
+        let due = from.filter(|_| success).and_then(|s| {
             let times = TokenTimes {
                 issued_at: Some(s.issued_at),
                 expires_at: Some(s.expires_at),
             };
-            let due = policy::next_refresh(self.settings, times, known.jitter_key)?;
-            Some(at_ms - ts_ms(due))
+            policy::next_refresh(self.settings, times, known.jitter_key).map(ts_ms)
         });
+        let lag_ms = due.map(|due| at_ms - due);
+        let send_lag_ms = due.zip(to).map(|(due, to)| ts_ms(to.issued_at) - due);
         let expired = matches!(
             call.outcome,
             Outcome::RejectedToken {
@@ -135,6 +138,7 @@ impl<'a> Judge<'a> {
             name,
             to,
             lag_ms,
+            send_lag_ms,
             expired,
             from_seed: from.is_none() && call.old_token.as_deref() == Some(known.seed),
         }
@@ -150,6 +154,10 @@ pub struct CallFigures {
     pub failures: BTreeMap<String, usize>,
     /// Successful calls from a stored state: actual minus scheduled time, ms.
     pub lag_ms: Spread,
+    /// The same, with the send time as the operator's clock recorded it (the new token's
+    /// issue time) instead of the simulator's receive time: what remains when the test
+    /// servers' delays are taken out.
+    pub send_lag_ms: Spread,
     /// Calls made before their scheduled time (more than 1 ms early).
     pub early: usize,
     /// Distinct ScgTokens that presented an expired token.
@@ -170,6 +178,7 @@ pub fn call_figures(judged: &[Judged<'_>]) -> CallFigures {
         ..Default::default()
     };
     let mut lags = Vec::new();
+    let mut send_lags = Vec::new();
     let mut stored = Vec::new();
     let mut expired = HashSet::new();
     let mut per_sec: HashMap<i64, usize> = HashMap::new();
@@ -197,11 +206,13 @@ pub fn call_figures(judged: &[Judged<'_>]) -> CallFigures {
             (None, true) => f.from_seed += 1,
             (None, false) => f.unmatched += 1,
         }
+        send_lags.extend(j.send_lag_ms);
         if let Some(to) = j.to {
             stored.push(epoch_ms(to.seen) - j.at_ms);
         }
     }
     f.lag_ms = Spread::of(lags);
+    f.send_lag_ms = Spread::of(send_lags);
     f.stored_ms = Spread::of(stored);
     f.expired_tokens = expired.len();
     f.max_calls_per_sec = per_sec.values().copied().max().unwrap_or(0);

@@ -75,12 +75,19 @@ pub struct Args {
     /// Raise the open-file limit of the harness and the operator to this (with prlimit).
     #[arg(long)]
     pub nofile: Option<u64>,
+    /// Extra environment of the operator process, e.g. MALLOC_ARENA_MAX=1 (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub operator_env: Vec<String>,
     /// Use this operator binary instead of building it with `cargo build --release`.
     #[arg(long)]
     pub operator_bin: Option<PathBuf>,
     /// Append the run's JSON line to this file.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// Fail (exit 1) when a token was lost or expired, a refresh came before it was due,
+    /// or a steady run rotated nothing. Timings are never checked.
+    #[arg(long)]
+    pub check: bool,
     /// Free text stored with the JSON line, e.g. to group runs in a plot.
     #[arg(long, default_value = "")]
     pub label: String,

@@ -82,7 +82,12 @@ impl Operator {
         namespace: &str,
         log_path: &Path,
         ticks: u64,
+        env: &[String],
     ) -> Result<Operator, String> {
+        let env = env
+            .iter()
+            .map(|kv| kv.split_once('=').ok_or(format!("{kv:?} is not KEY=VALUE")))
+            .collect::<Result<Vec<_>, _>>()?;
         let started = Instant::now();
         let mut child = tokio::process::Command::new(exe)
             .args([
@@ -97,6 +102,7 @@ impl Operator {
             .env("KUBECONFIG", kubeconfig)
             .env("NO_COLOR", "1")
             .env_remove("RUST_LOG")
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -236,12 +242,58 @@ pub async fn http_get(addr: SocketAddr, path: &str, within: Duration) -> Option<
     tokio::time::timeout(within, fetch).await.ok().flatten()
 }
 
+/// A Prometheus histogram: cumulative bucket counts by upper bound, sum and count.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    /// `self - before` (counters only grow within one process).
+    pub fn since(&self, before: &Histogram) -> Histogram {
+        let old = |le: f64| {
+            before
+                .buckets
+                .iter()
+                .find(|(l, _)| *l == le)
+                .map_or(0, |(_, n)| *n)
+        };
+        Histogram {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| (*le, n.saturating_sub(old(*le))))
+                .collect(),
+            sum: self.sum - before.sum,
+            count: self.count.saturating_sub(before.count),
+        }
+    }
+
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count.max(1) as f64
+    }
+
+    /// The upper bound of the bucket holding quantile `q` (infinite past the last).
+    pub fn quantile_bound(&self, q: f64) -> f64 {
+        let want = (q * self.count as f64).ceil() as u64;
+        self.buckets
+            .iter()
+            .find(|(_, n)| *n >= want.max(1))
+            .map_or(f64::INFINITY, |(le, _)| *le)
+    }
+}
+
 /// Figures read from one scrape of `/metrics`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Scraped {
     /// ScgTokens whose `scgtoken_ready` gauge is 1.
     pub ready: usize,
     pub reconciles: u64,
+    /// Duration of refresh calls as the operator timed them.
+    pub refresh: Histogram,
+    pub reconcile: Histogram,
 }
 
 pub fn parse_metrics(text: &str) -> Scraped {
@@ -251,7 +303,63 @@ pub fn parse_metrics(text: &str) -> Scraped {
             s.ready += 1;
         } else if let Some(v) = line.strip_prefix("scgtoken_reconciles_total ") {
             s.reconciles = v.trim().parse::<f64>().map_or(0, |f| f as u64);
+        } else if let Some(rest) = line.strip_prefix("scgtoken_refresh_duration_seconds") {
+            histogram_line(&mut s.refresh, rest);
+        } else if let Some(rest) = line.strip_prefix("scgtoken_reconcile_duration_seconds") {
+            histogram_line(&mut s.reconcile, rest);
         }
     }
     s
+}
+
+fn histogram_line(h: &mut Histogram, rest: &str) {
+    let Some((key, value)) = rest.rsplit_once(' ') else {
+        return;
+    };
+    let Ok(value) = value.parse::<f64>() else {
+        return;
+    };
+    if key == "_sum" {
+        h.sum = value;
+    } else if key == "_count" {
+        h.count = value as u64;
+    } else if let Some(le) = key
+        .strip_prefix("_bucket{le=\"")
+        .and_then(|k| k.strip_suffix("\"}"))
+    {
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        h.buckets.push((le, value as u64));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_operator_metrics() {
+        let text = "scgtoken_ready{namespace=\"d\",name=\"a\"} 1\n\
+                    scgtoken_ready{namespace=\"d\",name=\"b\"} 0\n\
+                    scgtoken_reconciles_total 7\n\
+                    scgtoken_refresh_duration_seconds_sum 0.5\n\
+                    scgtoken_refresh_duration_seconds_count 4\n\
+                    scgtoken_refresh_duration_seconds_bucket{le=\"0.01\"} 3\n\
+                    scgtoken_refresh_duration_seconds_bucket{le=\"0.25\"} 4\n\
+                    scgtoken_refresh_duration_seconds_bucket{le=\"+Inf\"} 4\n";
+        let s = parse_metrics(text);
+        assert_eq!((s.ready, s.reconciles), (1, 7));
+        assert_eq!(s.refresh.count, 4);
+        assert_eq!(s.refresh.quantile_bound(0.5), 0.01);
+        assert_eq!(s.refresh.quantile_bound(0.99), 0.25);
+        let d = s.refresh.since(&Histogram {
+            buckets: vec![(0.01, 3)],
+            sum: 0.1,
+            count: 3,
+        });
+        assert_eq!((d.count, d.quantile_bound(0.99)), (1, 0.25));
+    }
 }

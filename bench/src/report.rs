@@ -64,8 +64,29 @@ pub struct Resources {
     /// VmHWM at the end: the peak since the process started, warm-up included.
     pub hwm_mib: f64,
     pub reconciles: u64,
+    /// Refresh calls and reconcile passes as the operator timed them (its histograms).
+    pub refresh_call_ms: Timing,
+    pub reconcile_ms: Timing,
     pub warnings: u64,
     pub errors: u64,
+}
+
+/// Mean and the upper bound of the histogram bucket holding the 99th percentile.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timing {
+    pub n: u64,
+    pub mean: f64,
+    pub p99_at_most: f64,
+}
+
+impl Timing {
+    pub fn of(h: &crate::operator::Histogram) -> Timing {
+        Timing {
+            n: h.count,
+            mean: h.mean() * 1000.0,
+            p99_at_most: h.quantile_bound(0.99) * 1000.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -114,6 +135,8 @@ pub struct Outage {
 pub struct Report {
     pub bench: &'static str,
     pub label: String,
+    /// Extra environment of the operator process.
+    pub operator_env: Vec<String>,
     pub scenario: String,
     pub tokens: usize,
     pub lifetime_s: u64,
@@ -130,6 +153,8 @@ pub struct Report {
     pub first_stored_s: f64,
     /// Refresh calls before the window (the first refresh of each chain and retries).
     pub warmup_calls: usize,
+    /// Operator CPU from its start to the window (first refreshes, first lists).
+    pub warmup_cpu_s: f64,
     pub warmup_failures: BTreeMap<String, usize>,
     /// Tokens issued to the operator that never reached a Secret, over the whole run.
     pub lost_tokens: usize,
@@ -155,6 +180,46 @@ pub struct Report {
 }
 
 impl Report {
+    /// What went wrong that no load excuses: lost or expired tokens, early refreshes.
+    pub fn violations(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut check = |bad: bool, what: String| {
+            if bad {
+                v.push(what);
+            }
+        };
+        check(
+            self.lost_tokens > 0,
+            format!("{} tokens issued but never stored", self.lost_tokens),
+        );
+        // An outage longer than a token's life kills chains by design; those count apart.
+        let unavoidable = self.outage.as_ref().map_or(0, |o| o.expired_unavoidable);
+        let expired = self.scg.expired_tokens.max(self.dead_at_end);
+        check(
+            expired > unavoidable,
+            format!("{expired} tokens expired ({unavoidable} unavoidably)"),
+        );
+        check(
+            self.scg.early > 0,
+            format!("{} refreshes before they were due", self.scg.early),
+        );
+        if let Some(s) = &self.startup {
+            check(
+                s.not_due > 0,
+                format!("{} refreshes at start-up that were not due", s.not_due),
+            );
+        }
+        check(
+            self.scenario == "steady" && self.rotations == 0,
+            "no rotation in the window".into(),
+        );
+        check(
+            self.naive.as_ref().is_some_and(|n| n.rotations == 0),
+            "the naive loop rotated nothing".into(),
+        );
+        v
+    }
+
     pub fn table(&self) -> String {
         let mut t = String::new();
         let mut row = |k: &str, v: String| {
@@ -191,8 +256,8 @@ impl Report {
         row(
             "first token of every chain stored",
             format!(
-                "{:.1}s after operator start ({} calls; failures {:?})",
-                self.first_stored_s, self.warmup_calls, self.warmup_failures
+                "{:.1}s after operator start ({} calls; failures {:?}; {:.2}s CPU)",
+                self.first_stored_s, self.warmup_calls, self.warmup_failures, self.warmup_cpu_s
             ),
         );
         row(
@@ -203,6 +268,11 @@ impl Report {
         row(
             "refresh lag p50 / p99 / max",
             format!("{:.1} / {:.1} / {:.1} ms (n={})", l.p50, l.p99, l.max, l.n),
+        );
+        let l = &self.scg.send_lag_ms;
+        row(
+            "send lag (operator clock) p50/p99/max",
+            format!("{:.1} / {:.1} / {:.1} ms", l.p50, l.p99, l.max),
         );
         let s = &self.scg.stored_ms;
         row(
@@ -257,6 +327,16 @@ impl Report {
                 o.cpu_per_rotation_ms,
                 o.reconciles,
                 o.reconciles as f64 / self.rotations.max(1) as f64
+            ),
+        );
+        row(
+            "operator-timed call / pass: mean, p99<=",
+            format!(
+                "{:.1}, {:.0} ms / {:.1}, {:.0} ms",
+                o.refresh_call_ms.mean,
+                o.refresh_call_ms.p99_at_most,
+                o.reconcile_ms.mean,
+                o.reconcile_ms.p99_at_most
             ),
         );
         row(

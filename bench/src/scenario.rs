@@ -24,7 +24,7 @@ use crate::{
     naive::{self, Naive, NaiveFigures},
     operator::{self, Operator},
     procfs,
-    report::{self, Api, Counts, Machine, Report, Resources},
+    report::{self, Api, Counts, Machine, Report, Resources, Timing},
     setup::{self, NAMESPACE, TokenSetup},
 };
 
@@ -53,8 +53,8 @@ struct Mark {
     counts: Counts,
     op: procfs::Sample,
     harness: procfs::Sample,
-    /// The operator's reconcile counter.
-    reconciles: u64,
+    /// The operator's counters and histograms.
+    scraped: operator::Scraped,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -140,6 +140,7 @@ pub async fn run(args: Args) -> Result<()> {
         unrelated_create_s,
         notes,
         label: args.label.clone(),
+        operator_env: args.operator_env.clone(),
         ..Report::default()
     };
     let mut run = Run {
@@ -183,21 +184,23 @@ impl Run {
             NAMESPACE,
             &self.work.join(format!("operator-{nth}.log")),
             self.ticks,
+            &self.args.operator_env,
         )
     }
 
     /// The state now; `fresh` for a process just started (its counters are zero and its
     /// admin server is not up yet).
     async fn mark(&self, op: &Operator, fresh: bool) -> Mark {
-        let reconciles = match fresh {
-            true => 0,
+        let scraped = match fresh {
+            true => operator::Scraped::default(),
             false => op
                 .metrics()
                 .await
-                .map_or(0, |t| operator::parse_metrics(&t).reconciles),
+                .map(|t| operator::parse_metrics(&t))
+                .unwrap_or_default(),
         };
         Mark {
-            reconciles,
+            scraped,
             sys: SystemTime::now(),
             at: Instant::now(),
             counts: self.api.counters().snapshot(),
@@ -264,7 +267,7 @@ impl Run {
                 if let Some(n) = naive {
                     let n = n?;
                     let ours = self.report.operator.cpu_per_rotation_ms;
-                    if n.cpu_per_rotation_ms > 0.0 && ours > 0.0 {
+                    if n.cpu_per_rotation_ms > 0.0 && ours.is_finite() && ours > 0.0 {
                         self.report.cpu_ratio_vs_naive = Some(ours / n.cpu_per_rotation_ms);
                     }
                     self.report.naive = Some(n);
@@ -329,19 +332,33 @@ impl Run {
         }
     }
 
-    /// Waits (at most 15 s) until two seconds pass without an API write: the status
-    /// writes and follow-up passes of the first refreshes are over.
-    async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut last = report::reads_writes(&self.api.counters().snapshot()).1;
-        while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let now = report::reads_writes(&self.api.counters().snapshot()).1;
+    /// Waits until the first refreshes' status writes and follow-up passes are over:
+    /// two seconds without an API write (at most 15 s, as rotations may start soon).
+    /// Where nothing is due later (idle, start-up, outage), it waits for three seconds
+    /// without any request (at most five minutes), so that the operator's first list of
+    /// a crowded namespace is over before anything is measured.
+    async fn settle(&mut self) {
+        let (quiet, bound, all) = match self.scenario {
+            Scenario::Steady => (Duration::from_secs(2), Duration::from_secs(15), false),
+            _ => (Duration::from_secs(3), Duration::from_secs(300), true),
+        };
+        let count = || {
+            let (reads, writes) = report::reads_writes(&self.api.counters().snapshot());
+            writes + if all { reads } else { 0 }
+        };
+        let started = Instant::now();
+        let mut last = count();
+        while started.elapsed() < bound {
+            tokio::time::sleep(quiet).await;
+            let now = count();
             if now == last {
                 return;
             }
             last = now;
         }
+        let msg = format!("the API was still busy after {bound:?} of settling");
+        eprintln!("{msg}");
+        self.report.notes.push(msg);
     }
 
     /// Samples the operator each second until `until`; returns the end mark and the
@@ -421,7 +438,11 @@ impl Run {
         let lost = analysis::lost_tokens(&all, epoch_ms(end.sys) - 5000.0);
         let window = end.at - start.at;
         let rotations = scg.successes;
-        let per = |x: f64| x / rotations.max(1) as f64;
+        // Nothing per rotation without a rotation (idle, start-up): NaN, null in JSON.
+        let per = |x: f64| match rotations {
+            0 => f64::NAN,
+            n => x / n as f64,
+        };
         let counts = report::diff(&start.counts, &end.counts);
         let (reads, writes) = report::reads_writes(&counts);
         let cpu = (end.op.cpu.saturating_sub(start.op.cpu)).as_secs_f64();
@@ -448,7 +469,12 @@ impl Run {
             rss_end_mib: procfs::mib(end.op.rss),
             rss_window_max_mib: procfs::mib(rss_max),
             hwm_mib: procfs::mib(end.op.hwm),
-            reconciles: end.reconciles.saturating_sub(start.reconciles),
+            reconciles: end
+                .scraped
+                .reconciles
+                .saturating_sub(start.scraped.reconciles),
+            refresh_call_ms: Timing::of(&end.scraped.refresh.since(&start.scraped.refresh)),
+            reconcile_ms: Timing::of(&end.scraped.reconcile.since(&start.scraped.reconcile)),
             warnings,
             errors,
         };
@@ -457,6 +483,7 @@ impl Run {
         r.servers_rss_mib = procfs::mib(end.harness.rss);
         r.dead_at_end = dead_at_end;
         r.lost_tokens = lost;
+        r.warmup_cpu_s = start.op.cpu.as_secs_f64();
         r.warmup_calls = warmup.calls;
         r.warmup_failures = warmup.failures;
         r.create_rate = self.args.create_rate;
@@ -677,6 +704,13 @@ impl Run {
                 .open(path)
                 .map_err(|e| format!("{}: {e}", path.display()))?;
             writeln!(f, "{line}").map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        let violations = self.report.violations();
+        for v in &violations {
+            eprintln!("CHECK: {v}");
+        }
+        if self.args.check && !violations.is_empty() {
+            return Err(format!("{} check(s) failed", violations.len()));
         }
         Ok(())
     }

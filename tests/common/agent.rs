@@ -218,19 +218,12 @@ pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, for at most [`PATIENCE`].
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    super::harness::poll_until(what, Duration::from_millis(20), check).await
 }
 
 /// Polls `check` every 20 ms until it holds or `within` passes; whether it held.

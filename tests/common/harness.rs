@@ -219,19 +219,12 @@ impl Env {
     }
 
     /// Polls `check` (every 50 ms) until it returns `Some`, for at most [`PATIENCE`].
-    pub async fn eventually<T, F, Fut>(&self, what: &str, mut check: F) -> T
+    pub async fn eventually<T, F, Fut>(&self, what: &str, check: F) -> T
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        poll_until(what, Duration::from_millis(50), check).await
     }
 
     /// Every log line of every operator this test started, so far.
@@ -495,4 +488,20 @@ pub async fn lease_holder(env: &Env) -> Option<String> {
 pub async fn lease(env: &Env) -> Option<Lease> {
     let api: Api<Lease> = Api::namespaced(env.client.clone(), &env.namespace);
     api.get_opt(LEASE_NAME).await.ok()?
+}
+
+/// Polls `check` every `every` until it returns `Some`, for at most [`PATIENCE`].
+pub async fn poll_until<T, F, Fut>(what: &str, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(every).await;
+    }
 }

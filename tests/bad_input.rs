@@ -52,7 +52,7 @@ use tokio::{
     time::timeout,
 };
 
-use common::context::{ManualClock, api_server, deps};
+use common::context::{LogBuffer, ManualClock, api_server, deps};
 
 const NS: &str = "default";
 /// Every credential and token in this file contains this word; no text a user or an
@@ -779,26 +779,6 @@ fn catalogue() -> Vec<Case> {
 
 // ---------------------------------------------------------------------------------------
 // Running a row.
-
-/// Collects every log line written while it is the default subscriber.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl LogBuffer {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// One pass of the bad ScgToken, with the failure the real API server would answer.
 async fn bad_pass(w: &World, case: &Case) -> Result<(), String> {

@@ -33,7 +33,7 @@ use scg_token_operator::{
 };
 use testkit::apiserver::ApiServer;
 
-use common::context::{ManualClock, api_server, deps};
+use common::context::{LogBuffer, ManualClock, api_server, deps};
 
 const KEY: &str = "planted-consumer-key-5c1d";
 const SECRET: &str = "planted-consumer-secret-9b2e";
@@ -620,20 +620,6 @@ async fn delete_policy_sets_an_owner_reference_and_spec_keys_are_used() {
         Some(&owner.uid),
         w.token("messaging").await.metadata.uid.as_ref()
     );
-}
-
-/// Collects every log line written while it is the default subscriber.
-#[derive(Clone, Default)]
-struct LogBuffer(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogBuffer {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 #[tokio::test]

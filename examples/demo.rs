@@ -116,6 +116,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             token_api: Arc::new(HttpTokenApi::new()?),
             clock: Arc::new(SystemClock),
             max_refresh_rate: None,
+            concurrent_reconciles: 8,
             consumer_reports: false,
         },
         async {

@@ -21,10 +21,7 @@ pub mod scg;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use kube::runtime::{
-    events::{Recorder, Reporter},
-    reflector,
-};
+use kube::runtime::events::{Recorder, Reporter};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::info;
@@ -70,6 +67,8 @@ pub struct Config {
     pub clock: Arc<dyn policy::Clock>,
     /// Most refresh calls across all ScgTokens; `None` sets no limit.
     pub max_refresh_rate: Option<budget::Rate>,
+    /// Most reconcile passes at once.
+    pub concurrent_reconciles: u16,
     /// Watch the token agents' report Leases for `spec.consumers.agents` (needs leases
     /// list/watch).
     pub consumer_reports: bool,
@@ -117,7 +116,7 @@ pub async fn run(
         instance: Some(config.identity.clone()),
     };
     let budget = refresh_budget(config.max_refresh_rate, &metrics, stopped());
-    let (tokens, tokens_writer) = reflector::store();
+    let (tokens, tokens_writer) = reconcile::token_cache();
     let (ctx, leases) = reconcile::Context::new(reconcile::Deps {
         client: client.clone(),
         token_api: config.token_api,
@@ -133,17 +132,16 @@ pub async fn run(
     let ctx = Arc::new(ctx);
     let ready = state.clone();
     use futures::StreamExt;
-    reconcile::controller(
-        ctx.clone(),
-        tokens_writer,
+    let wiring = reconcile::Wiring {
+        tokens: tokens_writer,
         leases,
-        config.namespace.as_deref(),
-        stopped(),
-        move || {
-            info!("caches synced; ready");
-            ready.set_ready();
-        },
-    )
+        namespace: config.namespace,
+        concurrency: config.concurrent_reconciles,
+    };
+    reconcile::controller(ctx.clone(), wiring, stopped(), move || {
+        info!("caches synced; ready");
+        ready.set_ready();
+    })
     .for_each(|()| async {})
     .await;
     // A token received in the last pass whose write failed is still ours to store.

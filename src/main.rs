@@ -71,6 +71,11 @@ struct RunArgs {
     /// Refresh calls that may go at once within --max-refresh-rate.
     #[arg(long, env = "SCG_REFRESH_BURST", default_value_t = 100)]
     refresh_burst: u32,
+    /// Most reconcile passes at once. Each holds at most one connection to the
+    /// Kubernetes API and one to SCG; due ScgTokens beyond it wait their turn in the
+    /// order they fell due.
+    #[arg(long, env = "SCG_CONCURRENT_RECONCILES", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    concurrent_reconciles: u16,
     /// Read the token agents' report Leases for ScgTokens with `spec.consumers.agents`
     /// (needs leases list/watch: deploy/components/consumer-reports).
     #[arg(long, env = "SCG_CONSUMER_REPORTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -178,6 +183,7 @@ async fn run(args: RunArgs) -> Result<(), String> {
         token_api: Arc::new(token_api),
         clock: Arc::new(policy::SystemClock),
         max_refresh_rate,
+        concurrent_reconciles: args.concurrent_reconciles,
         consumer_reports: args.consumer_reports,
     };
     scg_token_operator::run(client, config, shutdown_signal())

@@ -22,6 +22,7 @@ use common::harness::{
 };
 use common::metrics::{metric, parse_metrics};
 use common::proxy::CallTap;
+use scg_token_operator::chain::TOKEN_FINGERPRINT;
 use testkit::scgsim::{Fault, SimConfig};
 
 // ---------------------------------------------------------------------------------------
@@ -224,6 +225,67 @@ async fn admin_endpoints_report_health_readiness_and_metrics_without_secrets() {
 // ---------------------------------------------------------------------------------------
 // Graceful shutdown
 // ---------------------------------------------------------------------------------------
+
+/// A rotation costs the API server one pass: the operator's own Secret write and status
+/// write start no further pass (on either server, counted by the operator's own metric).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_is_one_pass_its_own_writes_start_no_other() {
+    let env = Env::start(SimConfig {
+        validity_cap: Duration::from_secs(3),
+        ..SimConfig::default()
+    })
+    .await;
+    let seed = env.credentials("creds", CONSUMER_KEY).await;
+    env.scgtoken("counted", "creds", |_| {}).await;
+    let op = env.operator(&[]);
+    let addr = admin_addr(&op).await;
+    let http = http();
+    let first = wait_target_change(&env, "counted", Some(&seed), PATIENCE)
+        .await
+        .expect("a first token");
+    let passes = || async {
+        let text = metrics_text(&http, addr).await?;
+        metric(&parse_metrics(&text), "scgtoken_reconciles_total", &[])
+    };
+    // A pass is over when status shows the token the target holds.
+    let reported = || async {
+        let secret = env.secrets().get_opt("counted").await.ok()??;
+        let stored = secret.metadata.annotations?.get(TOKEN_FINGERPRINT)?.clone();
+        let status = env.tokens().get("counted").await.ok()?.status?;
+        let token = secret.data?.get("accessToken")?.0.clone();
+        (status.token_fingerprint? == stored).then(|| String::from_utf8(token).ok())
+    };
+    env.eventually("the first pass to finish", reported).await;
+    let (before, refreshed) = (
+        passes().await.expect("/metrics"),
+        env.sim.successful_refreshes(),
+    );
+
+    const ROTATIONS: usize = 4;
+    assert!(
+        env.sim
+            .wait_refreshes(refreshed + ROTATIONS, PATIENCE)
+            .await,
+        "{ROTATIONS} rotations after {first:?}"
+    );
+    // The last rotation's pass ends with its status write.
+    let newest = env
+        .sim
+        .current_token(CONSUMER_KEY)
+        .expect("a current token");
+    env.eventually("the last token stored and reported", || async {
+        (reported().await? == Some(newest.clone())).then_some(())
+    })
+    .await;
+    let after = passes().await.expect("/metrics");
+    let per_rotation = (after - before) / ROTATIONS as f64;
+    assert!(
+        per_rotation <= 1.25,
+        "{} passes for {ROTATIONS} rotations ({per_rotation:.2} per rotation)",
+        after - before
+    );
+    env.finish().await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_refresh_stores_its_token_and_releases_the_lease() {

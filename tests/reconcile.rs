@@ -21,14 +21,13 @@ use k8s_openapi::{
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    runtime::reflector::{self, Store},
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
     chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
     policy::Clock,
-    reconcile::{Context, Deps, reconcile},
+    reconcile::{Context, Deps, TokenCache, reconcile, token_cache},
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use testkit::apiserver::ApiServer;
@@ -87,7 +86,7 @@ impl TokenApi for FakeApi {
 
 /// A fresh operator context: what a newly started process has (nothing in memory).
 fn context(client: &kube::Client, api: &Arc<FakeApi>, clock: &Arc<ManualClock>) -> Arc<Context> {
-    context_with_cache(client, api, clock, reflector::store().0)
+    context_with_cache(client, api, clock, token_cache().0)
 }
 
 /// A fresh context whose ScgToken cache is `tokens`.
@@ -95,7 +94,7 @@ fn context_with_cache(
     client: &kube::Client,
     api: &Arc<FakeApi>,
     clock: &Arc<ManualClock>,
-    tokens: Store<ScgToken>,
+    tokens: TokenCache,
 ) -> Arc<Context> {
     let deps = deps(client, api.clone(), clock.clone(), &mut Registry::default());
     Arc::new(Context::new(Deps { tokens, ..deps }))
@@ -675,7 +674,7 @@ async fn two_scgtokens_on_one_credentials_secret_do_not_both_refresh() {
     w.create("first", |_| {}).await;
     w.create("second", |s| s.target.name = Some("second-token".into()))
         .await;
-    let (store, mut writer) = reflector::store::<ScgToken>();
+    let (store, mut writer) = token_cache();
     for name in ["first", "second"] {
         writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(w.token(name).await));
     }

@@ -39,7 +39,10 @@ pub(super) async fn store_held(
     let key = Key::new(namespace, obj.name_any());
     let result = chain::persist(&secrets, obj, base, held).await;
     match &result {
-        Ok(_) => info!("stored the token held in memory"),
+        Ok(written) => {
+            info!("stored the token held in memory");
+            ctx.memory.wrote(&key, written);
+        }
         Err(PersistError::Superseded(_)) => {
             warn!("a newer token than the one held in memory is already stored")
         }
@@ -95,6 +98,7 @@ impl Pass<'_> {
                     && let Some(written) =
                         chain::sync_metadata(&self.secrets, self.obj, s, &c).await?
                 {
+                    self.ctx.memory.wrote(&self.key, &written);
                     base = Some(written);
                 }
                 (c, false)
@@ -228,8 +232,9 @@ impl Pass<'_> {
         new: &Chain,
     ) -> Result<(), PersistError> {
         self.ctx.memory.hold(&self.key, new.clone());
-        chain::persist(&self.secrets, self.obj, base, new).await?;
+        let written = chain::persist(&self.secrets, self.obj, base, new).await?;
         self.ctx.memory.stored(&self.key, new.clone());
+        self.ctx.memory.wrote(&self.key, &written);
         Ok(())
     }
 

@@ -10,13 +10,14 @@ use kube::{
     Api, ResourceExt,
     runtime::{
         events::Recorder,
-        reflector::{self, Store, store::Writer},
+        reflector::{self, store::Writer},
     },
 };
 use tracing::{Instrument, info_span, warn};
 
 use super::{
     act,
+    cache::TokenCache,
     consumers::ReportCache,
     memory::{Key, Memory},
 };
@@ -44,7 +45,7 @@ pub struct Context {
     /// Every refresh call takes its turn here: the shared rate and `Retry-After` pauses.
     pub budget: Budget,
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
-    pub(super) tokens: Store<ScgToken>,
+    pub(super) tokens: TokenCache,
     pub(super) memory: Memory,
     /// The token agents' reports (`--consumer-reports`).
     pub(super) reports: Arc<ReportCache>,
@@ -62,8 +63,9 @@ pub struct Deps {
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
-    /// The ScgToken cache; its writer goes to [`controller`](super::controller), which fills it.
-    pub tokens: Store<ScgToken>,
+    /// The ScgToken cache ([`token_cache`](super::token_cache)); its writer goes to
+    /// [`controller`](super::controller), which fills it.
+    pub tokens: TokenCache,
 }
 
 impl Context {
@@ -123,15 +125,11 @@ impl Context {
                 t.name_any(),
             )
         };
+        let namespace = obj.namespace().unwrap_or_default();
         self.tokens
-            .state()
-            .iter()
-            .filter(|t| {
-                t.metadata.namespace == obj.metadata.namespace
-                    && t.metadata.deletion_timestamp.is_none()
-                    && t.spec.credentials_secret_ref.name == obj.spec.credentials_secret_ref.name
-                    && age(t) < age(obj)
-            })
+            .sharing_credentials(&namespace, &obj.spec.credentials_secret_ref.name)
+            .into_iter()
+            .filter(|t| t.metadata.deletion_timestamp.is_none() && age(t) < age(obj))
             .min_by_key(|t| age(t))
             .map(|t| t.name_any())
     }

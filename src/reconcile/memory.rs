@@ -8,6 +8,7 @@ use std::{
 };
 
 use jiff::Timestamp;
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 use crate::chain::Chain;
 
@@ -48,6 +49,8 @@ struct Entry {
     nudged_for: Option<String>,
     /// Fingerprint of the token every rollout-restart target was last handled for.
     restarted_for: Option<String>,
+    /// The target Secret (name, resourceVersion) as this process last wrote it.
+    wrote: Option<(String, String)>,
 }
 
 /// One entry per ScgToken, behind one lock.
@@ -99,6 +102,27 @@ impl Memory {
 
     fn set_held(&self, key: &Key, chain: Chain, persisted: bool) {
         self.entries().entry(key.clone()).or_default().held = Some(Held { chain, persisted });
+    }
+
+    /// Notes the target Secret as this process just wrote it.
+    pub fn wrote(&self, key: &Key, written: &Secret) {
+        let (Some(name), Some(version)) =
+            (&written.metadata.name, &written.metadata.resource_version)
+        else {
+            return;
+        };
+        self.entries().entry(key.clone()).or_default().wrote =
+            Some((name.clone(), version.clone()));
+    }
+
+    /// Whether `secret` (a watch event's copy) is the version this process last wrote as
+    /// `key`'s target: its event tells the pass that wrote it nothing new.
+    pub fn is_own_write(&self, key: &Key, secret: &ObjectMeta) -> bool {
+        let entries = self.entries();
+        let Some((name, version)) = entries.get(key).and_then(|e| e.wrote.as_ref()) else {
+            return false;
+        };
+        secret.name.as_ref() == Some(name) && secret.resource_version.as_ref() == Some(version)
     }
 
     pub fn handled_request(&self, key: &Key) -> Option<String> {

@@ -25,6 +25,7 @@ use kube::{Api, ResourceExt, runtime::controller::Action};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 mod act;
+mod cache;
 mod consumers;
 mod context;
 mod controller;
@@ -33,8 +34,9 @@ mod observe;
 mod outcome;
 mod publish;
 
+pub use cache::{TokenCache, TokenCacheWriter, token_cache};
 pub use context::{Context, Deps};
-pub use controller::controller;
+pub use controller::{Wiring, controller};
 pub use outcome::REFRESHED_EVENT_INTERVAL;
 pub use publish::FIELD_MANAGER;
 

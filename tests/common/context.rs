@@ -13,10 +13,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{
     Api, CustomResourceExt,
     api::PostParams,
-    runtime::{
-        events::{Recorder, Reporter},
-        reflector,
-    },
+    runtime::events::{Recorder, Reporter},
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
@@ -82,7 +79,7 @@ pub fn deps(
         metrics: Arc::new(Metrics::register(registry)),
         leadership: Leadership::always(),
         allow_insecure: false,
-        tokens: reflector::store().0,
+        tokens: scg_token_operator::reconcile::token_cache().0,
     }
 }
 

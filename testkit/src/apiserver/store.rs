@@ -14,7 +14,7 @@ use super::util::{self, ApiError, ApiResult, meta_mut, meta_str};
 pub(crate) type ObjKey = (String, String, String, String);
 
 /// Number of events kept for watches that resume from a resourceVersion.
-pub(crate) const HISTORY: usize = 10_000;
+pub(crate) const HISTORY: usize = 65_536;
 
 pub(crate) struct Stored {
     /// The object as served (storage version), including rendered managedFields.
@@ -147,7 +147,7 @@ pub(crate) fn main_scope(res: &ResourceDef) -> Scope {
 
 impl Store {
     pub fn new() -> Store {
-        let (tx, _) = broadcast::channel(16_384);
+        let (tx, _) = broadcast::channel(65_536);
         let mut s = Store {
             rv: 0,
             objects: BTreeMap::new(),

@@ -12,6 +12,7 @@ pub mod budget;
 pub mod chain;
 pub mod consumers;
 pub mod crd;
+pub mod events;
 pub mod k8s;
 pub mod leader;
 pub mod policy;
@@ -21,7 +22,7 @@ pub mod scg;
 
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tracing::info;
@@ -121,7 +122,7 @@ pub async fn run(
         client: client.clone(),
         token_api: config.token_api,
         clock: config.clock,
-        recorder: Recorder::new(client, reporter),
+        events: events::Publisher::new(client, reporter),
         metrics,
         leadership,
         allow_insecure: config.allow_insecure,

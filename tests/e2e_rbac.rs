@@ -90,7 +90,7 @@ async fn rbac_grants_exactly_the_requests_the_operator_makes() {
     note("delete", "core/secrets");
     stored().await.expect("the target recreated");
     // The bad credentials vanish and come back, still wrong: CredentialsNotFound, then
-    // Rejected again, the second time as a series (an Event patch).
+    // Rejected again, each a Warning Event of its own (created, never patched).
     env.secrets()
         .delete("bad-creds", &DeleteParams::default())
         .await
@@ -105,8 +105,8 @@ async fn rbac_grants_exactly_the_requests_the_operator_makes() {
     reason("bad", "Rejected")
         .await
         .expect("bad: Rejected again");
-    env.eventually("the repeated Warning Event to be patched", || async {
-        (counters.get("patch", "events.k8s.io/events") >= 1).then_some(())
+    env.eventually("the repeated Warning Event", || async {
+        (counters.get("create", "events.k8s.io/events") >= 4).then_some(())
     })
     .await;
     // One more rotation after all that.

@@ -6,7 +6,7 @@
 //! list of the Secrets would otherwise cost N × M comparisons, and every pass N.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
 };
 
@@ -109,10 +109,11 @@ struct Index {
     relist: Option<Entries>,
 }
 
-/// Both keyed within a namespace: a Secret's entry holds the names of ScgTokens.
+/// Both keyed within a namespace: a Secret's entry holds the names of ScgTokens, sorted
+/// (nearly always one; a Vec is a tenth of a BTreeSet's size for that).
 #[derive(Default)]
 struct Entries {
-    by_secret: HashMap<SecretKey, BTreeSet<String>>,
+    by_secret: HashMap<SecretKey, Vec<String>>,
     by_token: HashMap<(String, String), Vec<SecretKey>>,
 }
 
@@ -153,19 +154,19 @@ impl Entries {
         names.dedup();
         let secrets: Vec<SecretKey> = names.into_iter().map(|n| (namespace.clone(), n)).collect();
         for secret in &secrets {
-            self.by_secret
-                .entry(secret.clone())
-                .or_default()
-                .insert(key.1.clone());
+            let names = self.by_secret.entry(secret.clone()).or_default();
+            if let Err(at) = names.binary_search(&key.1) {
+                names.insert(at, key.1.clone());
+            }
         }
         self.by_token.insert(key, secrets);
     }
 
     fn remove(&mut self, key: &(String, String)) {
         for secret in self.by_token.remove(key).unwrap_or_default() {
-            if let Some(refs) = self.by_secret.get_mut(&secret) {
-                refs.remove(&key.1);
-                if refs.is_empty() {
+            if let Some(names) = self.by_secret.get_mut(&secret) {
+                names.retain(|n| *n != key.1);
+                if names.is_empty() {
                     self.by_secret.remove(&secret);
                 }
             }

@@ -8,10 +8,7 @@ use std::{
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
 use kube::{
     Api, ResourceExt,
-    runtime::{
-        events::Recorder,
-        reflector::{self, store::Writer},
-    },
+    runtime::reflector::{self, store::Writer},
 };
 use tracing::{Instrument, info_span, warn};
 
@@ -25,6 +22,7 @@ use crate::{
     budget::{Budget, TokioTimer},
     chain::{self, Chain},
     crd::ScgToken,
+    events::Publisher,
     k8s,
     leader::Leadership,
     policy::Clock,
@@ -37,7 +35,7 @@ pub struct Context {
     pub client: kube::Client,
     pub token_api: Arc<dyn TokenApi>,
     pub clock: Arc<dyn Clock>,
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
@@ -58,7 +56,7 @@ pub struct Deps {
     pub token_api: Arc<dyn TokenApi>,
     pub clock: Arc<dyn Clock>,
     /// Publishes the Events.
-    pub recorder: Recorder,
+    pub events: Publisher,
     pub metrics: Arc<Metrics>,
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
@@ -76,7 +74,7 @@ impl Context {
             client,
             token_api,
             clock,
-            recorder,
+            events,
             metrics,
             leadership,
             allow_insecure,
@@ -87,7 +85,7 @@ impl Context {
             client,
             token_api,
             clock,
-            recorder,
+            events,
             metrics,
             leadership,
             allow_insecure,

@@ -20,7 +20,7 @@ use kube::{
 use tracing::warn;
 
 use super::{Context, cache::TokenCacheWriter, consumers, error_policy, memory::Key, reconcile};
-use crate::crd::{REFRESH_REQUEST_ANNOTATION, ScgToken};
+use crate::crd::{REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenStatus};
 
 /// The ScgTokens that name `secret` (as credentials, headers or target), except one whose
 /// target this is and that wrote exactly this version itself: that pass has already
@@ -102,8 +102,17 @@ pub fn controller(
     let mut ready = Some(ready);
     let token_events = watcher(token_api, watcher::Config::default())
         .default_backoff()
-        // Nothing reads them, and they are most of an object's size.
-        .modify(|t| t.managed_fields_mut().clear())
+        // A pass reads its ScgToken afresh; the cache serves the Secret index, the
+        // chain-owner check (spec, creation, deletion) and the retry after a failed pass
+        // (status.expiresAt). managedFields and the rest of status are most of an
+        // object's size at 10,000 ScgTokens.
+        .modify(|t| {
+            t.managed_fields_mut().clear();
+            t.status = t.status.take().map(|s| ScgTokenStatus {
+                expires_at: s.expires_at,
+                ..ScgTokenStatus::default()
+            });
+        })
         .inspect(move |event| {
             if let Ok(event) = event {
                 index.apply(event);

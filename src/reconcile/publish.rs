@@ -130,7 +130,7 @@ impl Pass<'_> {
                 let message = event.note.as_deref().unwrap_or_default();
                 warn!(reason = %event.reason, message, "warning");
             }
-            if let Err(e) = self.ctx.recorder.publish(&event, &reference).await {
+            if let Err(e) = self.ctx.events.publish(&event, &reference).await {
                 warn!(error = %e, reason = %event.reason, "could not publish an Event");
             }
         }

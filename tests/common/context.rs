@@ -10,15 +10,11 @@ use std::{
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::{
-    Api, CustomResourceExt,
-    api::PostParams,
-    runtime::events::{Recorder, Reporter},
-};
+use kube::{Api, CustomResourceExt, api::PostParams, runtime::events::Reporter};
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
-    crd::ScgToken, leader::Leadership, policy::Clock, reconcile::Deps, report::Metrics,
-    scg::TokenApi,
+    crd::ScgToken, events::Publisher, leader::Leadership, policy::Clock, reconcile::Deps,
+    report::Metrics, scg::TokenApi,
 };
 use testkit::apiserver::ApiServer;
 
@@ -75,7 +71,7 @@ pub fn deps(
         client: client.clone(),
         token_api,
         clock,
-        recorder: Recorder::new(client.clone(), reporter),
+        events: Publisher::new(client.clone(), reporter),
         metrics: Arc::new(Metrics::register(registry)),
         leadership: Leadership::always(),
         allow_insecure: false,

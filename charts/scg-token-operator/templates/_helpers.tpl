@@ -87,8 +87,8 @@ operator uses it; no wildcards. Shared by the ClusterRole and the namespaced Rol
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "update"]
-# Events about ScgTokens; patch is how repeated Events are aggregated into a count.
+# Events about ScgTokens; each is created once and never patched (src/events.rs).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}

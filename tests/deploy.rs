@@ -24,7 +24,7 @@ const REQUIRED_PERMISSIONS: &[(&str, &str, &[&str])] = &[
     ("scgtoken.io", "scgtokens", &["get", "list", "watch"]),
     ("scgtoken.io", "scgtokens/status", &["patch"]),
     ("", "secrets", &["get", "list", "watch", "create", "update"]),
-    ("events.k8s.io", "events", &["create", "patch"]),
+    ("events.k8s.io", "events", &["create"]),
     ("coordination.k8s.io", "leases", &["get", "create", "patch"]),
 ];
 

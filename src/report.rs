@@ -1,13 +1,18 @@
 //! What the operator tells people: the `Ready` condition, Events and Prometheus metrics.
 //! Nothing here ever receives a credential or a token: only reasons, names and times.
 
-use std::{str::FromStr, sync::atomic::AtomicU64};
+use std::{
+    collections::HashMap,
+    str::FromStr,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet},
+    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -138,10 +143,9 @@ pub struct ErrorLabels {
 /// Every metric the operator exports. Label values are ScgToken namespaces and names and
 /// fixed words: never a secret, a URL or an error text.
 pub struct Metrics {
-    pub expiry: Family<TokenLabels, Gauge<f64, AtomicU64>>,
-    pub next_refresh: Family<TokenLabels, Gauge<f64, AtomicU64>>,
-    pub ready: Family<TokenLabels, Gauge>,
-    pub consecutive_failures: Family<TokenLabels, Gauge>,
+    /// `token_expiry_timestamp_seconds`, `next_refresh_timestamp_seconds`, `ready` and
+    /// `consecutive_failures`.
+    pub tokens: Arc<TokenGauges>,
     pub refreshes: Family<RefreshLabels, Counter>,
     pub refresh_duration: Histogram,
     pub reconciles: Counter,
@@ -162,10 +166,7 @@ impl Metrics {
         let buckets =
             || Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let m = Metrics {
-            expiry: Family::default(),
-            next_refresh: Family::default(),
-            ready: Family::default(),
-            consecutive_failures: Family::default(),
+            tokens: Arc::default(),
             refreshes: Family::default(),
             refresh_duration: buckets(),
             reconciles: Counter::default(),
@@ -178,26 +179,7 @@ impl Metrics {
             consumers: crate::consumers::ConsumerMetrics::register(registry),
         };
         let r = registry.sub_registry_with_prefix("scgtoken");
-        r.register(
-            "token_expiry_timestamp_seconds",
-            "Unix time at which the current token expires",
-            m.expiry.clone(),
-        );
-        r.register(
-            "next_refresh_timestamp_seconds",
-            "Unix time of the next scheduled refresh or retry",
-            m.next_refresh.clone(),
-        );
-        r.register(
-            "ready",
-            "1 when the ScgToken's Ready condition is True",
-            m.ready.clone(),
-        );
-        r.register(
-            "consecutive_failures",
-            "Refresh attempts that failed in a row",
-            m.consecutive_failures.clone(),
-        );
+        r.register_collector(Box::new(m.tokens.clone()));
         r.register("refreshes", "Refresh calls by result", m.refreshes.clone());
         r.register(
             "refresh_duration_seconds",
@@ -248,22 +230,88 @@ impl Metrics {
         failures: u32,
     ) {
         let secs = |t: Option<Timestamp>| t.map_or(0.0, |t| t.as_millisecond() as f64 / 1000.0);
-        self.expiry.get_or_create(labels).set(secs(expires));
-        self.next_refresh.get_or_create(labels).set(secs(next));
-        self.ready.get_or_create(labels).set(i64::from(ready));
-        self.consecutive_failures
-            .get_or_create(labels)
-            .set(i64::from(failures));
+        let state = TokenState {
+            expiry: secs(expires),
+            next_refresh: secs(next),
+            ready: i64::from(ready),
+            failures: i64::from(failures),
+        };
+        let mut tokens = self.tokens.lock();
+        match tokens.get_mut(labels) {
+            Some(s) => *s = state,
+            None => {
+                tokens.insert(labels.clone(), state);
+            }
+        }
     }
 
     /// Drops the series of a deleted ScgToken.
     pub fn forget(&self, labels: &TokenLabels) {
-        self.expiry.remove(labels);
-        self.next_refresh.remove(labels);
-        self.ready.remove(labels);
-        self.consecutive_failures.remove(labels);
+        self.tokens.lock().remove(labels);
         self.consumers.forget(&labels.namespace, &labels.name);
     }
+}
+
+/// The per-token gauges, one map entry per ScgToken, encoded on each scrape. Four
+/// `Family`s would hold every token's labels four times over (about 5 MiB at 10,000
+/// ScgTokens).
+#[derive(Debug, Default)]
+pub struct TokenGauges(Mutex<HashMap<TokenLabels, TokenState>>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct TokenState {
+    expiry: f64,
+    next_refresh: f64,
+    ready: i64,
+    failures: i64,
+}
+
+impl TokenGauges {
+    fn lock(&self) -> MutexGuard<'_, HashMap<TokenLabels, TokenState>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Collector for TokenGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let tokens = self.lock();
+        let mut gauge = |name: &str, help: &str, value: &dyn Fn(&TokenState) -> GaugeValue| {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, state) in tokens.iter() {
+                let mut family = metric.encode_family(labels)?;
+                match value(state) {
+                    GaugeValue::Float(v) => family.encode_gauge(&v)?,
+                    GaugeValue::Int(v) => family.encode_gauge(&v)?,
+                }
+            }
+            Ok::<_, std::fmt::Error>(())
+        };
+        gauge(
+            "token_expiry_timestamp_seconds",
+            "Unix time at which the current token expires",
+            &|s| GaugeValue::Float(s.expiry),
+        )?;
+        gauge(
+            "next_refresh_timestamp_seconds",
+            "Unix time of the next scheduled refresh or retry",
+            &|s| GaugeValue::Float(s.next_refresh),
+        )?;
+        gauge(
+            "ready",
+            "1 when the ScgToken's Ready condition is True",
+            &|s| GaugeValue::Int(s.ready),
+        )?;
+        gauge(
+            "consecutive_failures",
+            "Refresh attempts that failed in a row",
+            &|s| GaugeValue::Int(s.failures),
+        )
+    }
+}
+
+enum GaugeValue {
+    Float(f64),
+    Int(i64),
 }
 
 #[cfg(test)]

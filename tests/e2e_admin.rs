@@ -281,8 +281,9 @@ async fn a_rotation_is_one_pass_its_own_writes_start_no_other() {
     let per_rotation = (after - before) / ROTATIONS as f64;
     assert!(
         per_rotation <= 1.25,
-        "{} passes for {ROTATIONS} rotations ({per_rotation:.2} per rotation)",
-        after - before
+        "{} passes for {ROTATIONS} rotations ({per_rotation:.2} per rotation); operator log:\n{}",
+        after - before,
+        op.logs()
     );
     env.finish().await;
 }

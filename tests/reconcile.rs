@@ -27,7 +27,7 @@ use scg_token_operator::{
     chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
     policy::Clock,
-    reconcile::{Context, Deps, TokenCache, reconcile, token_cache},
+    reconcile::{CachedScgToken, Context, Deps, TokenCache, reconcile, token_cache},
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
 use testkit::apiserver::ApiServer;
@@ -676,7 +676,9 @@ async fn two_scgtokens_on_one_credentials_secret_do_not_both_refresh() {
         .await;
     let (store, mut writer) = token_cache();
     for name in ["first", "second"] {
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(w.token(name).await));
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(CachedScgToken::from(
+            &w.token(name).await,
+        )));
     }
     let w = World {
         ctx: context_with_cache(&w.client, &w.api, &w.clock, store),

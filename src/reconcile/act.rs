@@ -37,12 +37,12 @@ pub(super) async fn store_held(
     let namespace = obj.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = Key::new(namespace, obj.name_any());
+    ctx.memory
+        .writing(&key, chain::fingerprint(obj, held.token.expose()));
     let result = chain::persist(&secrets, obj, base, held).await;
+    ctx.memory.wrote(&key, result.as_ref().ok());
     match &result {
-        Ok(written) => {
-            info!("stored the token held in memory");
-            ctx.memory.wrote(&key, written);
-        }
+        Ok(_) => info!("stored the token held in memory"),
         Err(PersistError::Superseded(_)) => {
             warn!("a newer token than the one held in memory is already stored")
         }
@@ -98,7 +98,7 @@ impl Pass<'_> {
                     && let Some(written) =
                         chain::sync_metadata(&self.secrets, self.obj, s, &c).await?
                 {
-                    self.ctx.memory.wrote(&self.key, &written);
+                    self.ctx.memory.wrote(&self.key, Some(&written));
                     base = Some(written);
                 }
                 (c, false)
@@ -231,10 +231,13 @@ impl Pass<'_> {
         base: Option<&Secret>,
         new: &Chain,
     ) -> Result<(), PersistError> {
-        self.ctx.memory.hold(&self.key, new.clone());
-        let written = chain::persist(&self.secrets, self.obj, base, new).await?;
-        self.ctx.memory.stored(&self.key, new.clone());
-        self.ctx.memory.wrote(&self.key, &written);
+        let memory = &self.ctx.memory;
+        memory.hold(&self.key, new.clone());
+        memory.writing(&self.key, chain::fingerprint(self.obj, new.token.expose()));
+        let written = chain::persist(&self.secrets, self.obj, base, new).await;
+        memory.wrote(&self.key, written.as_ref().ok());
+        written?;
+        memory.stored(&self.key, new.clone());
         Ok(())
     }
 

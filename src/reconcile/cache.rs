@@ -1,21 +1,100 @@
-//! The ScgToken cache: the reflector's store, plus an index from each Secret to the
-//! ScgTokens that name it (as credentials, headers or target).
+//! The ScgToken cache: the reflector's store of [`CachedScgToken`]s, plus an index from
+//! each Secret to the ScgTokens that name it (as credentials, headers or target).
 //!
 //! A Secret event and the one-refresher-per-chain check look the Secret up instead of
 //! scanning every ScgToken: with N ScgTokens and M Secrets in a namespace, the first
 //! list of the Secrets would otherwise cost N × M comparisons, and every pass N.
+//!
+//! The cache keeps only what those need, since a pass reads its ScgToken afresh: at
+//! 10,000 ScgTokens whole objects cost about 10 MiB more.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex, MutexGuard},
 };
 
-use kube::runtime::{
-    reflector::{self, ObjectRef, Store, store::Writer},
-    watcher,
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::{
+    Resource, ResourceExt,
+    runtime::{
+        reflector::{self, ObjectRef, Store, store::Writer},
+        watcher,
+    },
 };
+use serde::Deserialize;
 
-use crate::crd::ScgToken;
+use crate::crd::{ScgToken, SecretName};
+
+/// What the cache keeps of an ScgToken: its metadata (without managedFields), the
+/// Secrets it names, and when its stored token expires (for the retry after a failed
+/// pass). Read from the same list and watch as the whole object; unknown fields are
+/// skipped.
+#[derive(Resource, Deserialize, Clone, Debug)]
+#[resource(inherit = "ScgToken")]
+pub struct CachedScgToken {
+    pub metadata: ObjectMeta,
+    pub spec: CachedSpec,
+    #[serde(default)]
+    pub status: Option<CachedStatus>,
+}
+
+/// The Secret names of an ScgToken's spec.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedSpec {
+    pub credentials_secret_ref: SecretName,
+    #[serde(default)]
+    pub headers_from: Option<SecretName>,
+    #[serde(default)]
+    pub target: CachedTarget,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+pub struct CachedTarget {
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Debug, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedStatus {
+    #[serde(default)]
+    pub expires_at: Option<Time>,
+}
+
+impl CachedScgToken {
+    /// As [`ScgToken::target_name`].
+    pub fn target_name(&self) -> String {
+        self.spec
+            .target
+            .name
+            .clone()
+            .unwrap_or_else(|| self.name_any())
+    }
+}
+
+impl From<&ScgToken> for CachedScgToken {
+    fn from(t: &ScgToken) -> Self {
+        CachedScgToken {
+            metadata: ObjectMeta {
+                managed_fields: None,
+                ..t.metadata.clone()
+            },
+            spec: CachedSpec {
+                credentials_secret_ref: SecretName {
+                    name: t.spec.credentials_secret_ref.name.clone(),
+                },
+                headers_from: t.spec.headers_from.clone(),
+                target: CachedTarget {
+                    name: t.spec.target.name.clone(),
+                },
+            },
+            status: t.status.as_ref().map(|s| CachedStatus {
+                expires_at: s.expires_at.clone(),
+            }),
+        }
+    }
+}
 
 /// (namespace, Secret name).
 type SecretKey = (String, String);
@@ -23,13 +102,13 @@ type SecretKey = (String, String);
 /// The read side: the store and the index.
 #[derive(Clone)]
 pub struct TokenCache {
-    store: Store<ScgToken>,
+    store: Store<CachedScgToken>,
     index: Arc<Mutex<Index>>,
 }
 
 /// The write side, fed every event of the ScgToken watch.
 pub struct TokenCacheWriter {
-    writer: Writer<ScgToken>,
+    writer: Writer<CachedScgToken>,
     index: Arc<Mutex<Index>>,
 }
 
@@ -48,12 +127,12 @@ pub fn token_cache() -> (TokenCache, TokenCacheWriter) {
 
 impl TokenCache {
     /// The reflector's store.
-    pub fn store(&self) -> &Store<ScgToken> {
+    pub fn store(&self) -> &Store<CachedScgToken> {
         &self.store
     }
 
     /// The ScgTokens in `namespace` that name the Secret `name`.
-    pub fn referencing(&self, namespace: &str, name: &str) -> Vec<ObjectRef<ScgToken>> {
+    pub fn referencing(&self, namespace: &str, name: &str) -> Vec<ObjectRef<CachedScgToken>> {
         lock(&self.index)
             .live
             .by_secret
@@ -69,7 +148,7 @@ impl TokenCache {
 
     /// The ScgTokens in the cache that name `name` as their credentials Secret, in
     /// `namespace`.
-    pub fn sharing_credentials(&self, namespace: &str, name: &str) -> Vec<Arc<ScgToken>> {
+    pub fn sharing_credentials(&self, namespace: &str, name: &str) -> Vec<Arc<CachedScgToken>> {
         self.referencing(namespace, name)
             .iter()
             .filter_map(|r| self.store.get(r))
@@ -80,14 +159,14 @@ impl TokenCache {
 
 impl TokenCacheWriter {
     /// Applies one watch event to the store and the index.
-    pub fn apply_watcher_event(&mut self, event: &watcher::Event<ScgToken>) {
+    pub fn apply_watcher_event(&mut self, event: &watcher::Event<CachedScgToken>) {
         lock(&self.index).apply(event);
         self.writer.apply_watcher_event(event);
     }
 
     /// Splits the writer for a watch stream: the reflector's writer (for
     /// [`reflect`](kube::runtime::WatchStreamExt::reflect)) and the index's own part.
-    pub(super) fn split(self) -> (Writer<ScgToken>, IndexWriter) {
+    pub(super) fn split(self) -> (Writer<CachedScgToken>, IndexWriter) {
         (self.writer, IndexWriter(self.index))
     }
 }
@@ -96,7 +175,7 @@ impl TokenCacheWriter {
 pub(super) struct IndexWriter(Arc<Mutex<Index>>);
 
 impl IndexWriter {
-    pub(super) fn apply(&self, event: &watcher::Event<ScgToken>) {
+    pub(super) fn apply(&self, event: &watcher::Event<CachedScgToken>) {
         lock(&self.0).apply(event);
     }
 }
@@ -118,7 +197,7 @@ struct Entries {
 }
 
 impl Index {
-    fn apply(&mut self, event: &watcher::Event<ScgToken>) {
+    fn apply(&mut self, event: &watcher::Event<CachedScgToken>) {
         match event {
             watcher::Event::Apply(t) => self.live.insert(t),
             watcher::Event::Delete(t) => {
@@ -138,7 +217,7 @@ impl Index {
 }
 
 impl Entries {
-    fn insert(&mut self, token: &ScgToken) {
+    fn insert(&mut self, token: &CachedScgToken) {
         let Some(key) = key(token) else {
             return;
         };
@@ -175,7 +254,7 @@ impl Entries {
 }
 
 /// An ScgToken's (namespace, name).
-fn key(token: &ScgToken) -> Option<(String, String)> {
+fn key(token: &CachedScgToken) -> Option<(String, String)> {
     Some((
         token.metadata.namespace.clone()?,
         token.metadata.name.clone()?,
@@ -189,28 +268,17 @@ fn lock(index: &Mutex<Index>) -> MutexGuard<'_, Index> {
 
 #[cfg(test)]
 mod tests {
-    use kube::api::ObjectMeta;
-
     use super::*;
-    use crate::crd::{ScgTokenSpec, SecretName};
+    use crate::crd::ScgTokenSpec;
 
-    fn token(name: &str, credentials: &str, target: Option<&str>) -> ScgToken {
-        let mut spec: ScgTokenSpec = serde_json::from_value(serde_json::json!({
-            "endpoint": "https://api.example.com/aaa/v1/apptoken-refresh",
-            "credentialsSecretRef": {"name": credentials},
-        }))
-        .unwrap();
-        spec.target.name = target.map(Into::into);
-        let mut t = ScgToken::new(name, spec);
-        t.metadata = ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some("ns".into()),
-            ..ObjectMeta::default()
-        };
-        t
+    fn token(name: &str, credentials: &str, target: Option<&str>) -> CachedScgToken {
+        let mut t = ScgToken::new(name, ScgTokenSpec::new(credentials));
+        t.metadata.namespace = Some("ns".into());
+        t.spec.target.name = target.map(Into::into);
+        CachedScgToken::from(&t)
     }
 
-    fn names(refs: Vec<ObjectRef<ScgToken>>) -> Vec<String> {
+    fn names(refs: Vec<ObjectRef<CachedScgToken>>) -> Vec<String> {
         refs.into_iter().map(|r| r.name).collect()
     }
 

@@ -36,7 +36,7 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use super::{Pass, outcome::Outcome};
+use super::{Pass, cache::CachedScgToken, outcome::Outcome};
 use crate::{
     consumers::{self, AgentReport, ConditionInputs, CurrentToken, RestartOutcome, Unread},
     crd::{
@@ -184,7 +184,7 @@ pub(super) fn report_changes(
 }
 
 /// The ScgToken a report Lease names.
-pub(super) fn scgtoken_of(lease: Lease) -> Option<ObjectRef<ScgToken>> {
+pub(super) fn scgtoken_of(lease: Lease) -> Option<ObjectRef<CachedScgToken>> {
     let name = lease.labels().get(AGENT_SCGTOKEN_LABEL)?;
     let namespace = lease.namespace()?;
     Some(ObjectRef::new(name).within(&namespace))

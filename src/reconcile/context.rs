@@ -5,7 +5,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Secret};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1::Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use kube::{
     Api, ResourceExt,
     runtime::reflector::{self, store::Writer},
@@ -117,18 +120,20 @@ impl Context {
     /// Secret: two refreshers of one chain would revoke each other's tokens, so only the
     /// oldest may run.
     pub(super) fn chain_owner_other_than(&self, obj: &ScgToken) -> Option<String> {
-        let age = |t: &ScgToken| {
+        let age = |meta: &ObjectMeta| {
             (
-                t.metadata.creation_timestamp.clone().map(|c| c.0),
-                t.name_any(),
+                meta.creation_timestamp.clone().map(|c| c.0),
+                meta.name.clone(),
             )
         };
         let namespace = obj.namespace().unwrap_or_default();
         self.tokens
             .sharing_credentials(&namespace, &obj.spec.credentials_secret_ref.name)
             .into_iter()
-            .filter(|t| t.metadata.deletion_timestamp.is_none() && age(t) < age(obj))
-            .min_by_key(|t| age(t))
+            .filter(|t| {
+                t.metadata.deletion_timestamp.is_none() && age(&t.metadata) < age(&obj.metadata)
+            })
+            .min_by_key(|t| age(&t.metadata))
             .map(|t| t.name_any())
     }
 

@@ -19,13 +19,22 @@ use kube::{
 };
 use tracing::warn;
 
-use super::{Context, cache::TokenCacheWriter, consumers, error_policy, memory::Key, reconcile};
-use crate::crd::{REFRESH_REQUEST_ANNOTATION, ScgToken, ScgTokenStatus};
+use super::{
+    Context,
+    cache::{CachedScgToken, TokenCacheWriter},
+    consumers, error_policy,
+    memory::Key,
+    reconcile,
+};
+use crate::crd::REFRESH_REQUEST_ANNOTATION;
 
 /// The ScgTokens that name `secret` (as credentials, headers or target), except one whose
 /// target this is and that wrote exactly this version itself: that pass has already
 /// seen it.
-fn referencing(ctx: &Context, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectRef<ScgToken>> {
+fn referencing(
+    ctx: &Context,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<CachedScgToken>> {
     let (Some(ns), Some(name)) = (&secret.metadata.namespace, &secret.metadata.name) else {
         return Vec::new();
     };
@@ -41,7 +50,7 @@ fn referencing(ctx: &Context, secret: &PartialObjectMeta<Secret>) -> Vec<ObjectR
 /// the refresh-request annotation and deletion. A status write (this operator's own,
 /// after every pass) or a relist of unchanged objects starts none; the schedule keeps
 /// its own requeue.
-fn wants_pass(token: &ScgToken) -> Option<u64> {
+fn wants_pass(token: &CachedScgToken) -> Option<u64> {
     let mut h = DefaultHasher::new();
     (
         &token.metadata.uid,
@@ -87,13 +96,14 @@ pub fn controller(
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let (token_api, secrets): (Api<ScgToken>, Api<PartialObjectMeta<Secret>>) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
-    };
+    let (token_api, secrets): (Api<CachedScgToken>, Api<PartialObjectMeta<Secret>>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client, ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client)),
+        };
     // The ScgToken reflector is built here rather than by the Controller so that its
     // first complete list (InitDone) can mark the operator ready, and so that the
     // Secret index follows it.
@@ -102,17 +112,8 @@ pub fn controller(
     let mut ready = Some(ready);
     let token_events = watcher(token_api, watcher::Config::default())
         .default_backoff()
-        // A pass reads its ScgToken afresh; the cache serves the Secret index, the
-        // chain-owner check (spec, creation, deletion) and the retry after a failed pass
-        // (status.expiresAt). managedFields and the rest of status are most of an
-        // object's size at 10,000 ScgTokens.
-        .modify(|t| {
-            t.managed_fields_mut().clear();
-            t.status = t.status.take().map(|s| ScgTokenStatus {
-                expires_at: s.expires_at,
-                ..ScgTokenStatus::default()
-            });
-        })
+        // Nothing reads them (see CachedScgToken).
+        .modify(|t| t.managed_fields_mut().clear())
         .inspect(move |event| {
             if let Ok(event) = event {
                 index.apply(event);

@@ -10,7 +10,7 @@ use std::{
 use jiff::Timestamp;
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
-use crate::chain::Chain;
+use crate::chain::{Chain, TOKEN_FINGERPRINT};
 
 /// An ScgToken's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -51,14 +51,17 @@ struct Entry {
     restarted_for: Option<String>,
     /// The target Secret (name, resourceVersion) as this process last wrote it.
     wrote: Option<(String, String)>,
+    /// Fingerprint of the token this process is writing into the target Secret now.
+    writing: Option<String>,
 }
 
-/// One entry per ScgToken, behind one lock.
+/// One entry per ScgToken, behind one lock. Boxed: most fields are empty most of the
+/// time, and the table's slots stay small.
 #[derive(Default)]
-pub struct Memory(Mutex<HashMap<Key, Entry>>);
+pub struct Memory(Mutex<HashMap<Key, Box<Entry>>>);
 
 impl Memory {
-    fn entries(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
+    fn entries(&self) -> MutexGuard<'_, HashMap<Key, Box<Entry>>> {
         // Nothing panics while holding the lock; if something ever did, a held token
         // is still better kept than dropped.
         self.0
@@ -104,25 +107,44 @@ impl Memory {
         self.entries().entry(key.clone()).or_default().held = Some(Held { chain, persisted });
     }
 
-    /// Notes the target Secret as this process just wrote it.
-    pub fn wrote(&self, key: &Key, written: &Secret) {
-        let (Some(name), Some(version)) =
-            (&written.metadata.name, &written.metadata.resource_version)
-        else {
-            return;
-        };
-        self.entries().entry(key.clone()).or_default().wrote =
-            Some((name.clone(), version.clone()));
+    /// Notes that the token with `fingerprint` is being written into the target Secret.
+    pub fn writing(&self, key: &Key, fingerprint: String) {
+        self.entries().entry(key.clone()).or_default().writing = Some(fingerprint);
     }
 
-    /// Whether `secret` (a watch event's copy) is the version this process last wrote as
-    /// `key`'s target: its event tells the pass that wrote it nothing new.
+    /// Notes the target Secret as this process just wrote it (`None`: the write failed).
+    pub fn wrote(&self, key: &Key, written: Option<&Secret>) {
+        let mut entries = self.entries();
+        let entry = entries.entry(key.clone()).or_default();
+        entry.writing = None;
+        let Some(meta) = written.map(|s| &s.metadata) else {
+            return;
+        };
+        if let (Some(name), Some(version)) = (&meta.name, &meta.resource_version) {
+            entry.wrote = Some((name.clone(), version.clone()));
+        }
+    }
+
+    /// Whether `secret` (a watch event's copy of `key`'s target) is this process's own
+    /// write: the version it last wrote, or, while a write is on its way (its watch event
+    /// can come before the answer), the token it is writing. Its event tells the pass
+    /// that wrote it nothing new.
     pub fn is_own_write(&self, key: &Key, secret: &ObjectMeta) -> bool {
         let entries = self.entries();
-        let Some((name, version)) = entries.get(key).and_then(|e| e.wrote.as_ref()) else {
+        let Some(entry) = entries.get(key) else {
             return false;
         };
-        secret.name.as_ref() == Some(name) && secret.resource_version.as_ref() == Some(version)
+        let same_version = entry.wrote.as_ref().is_some_and(|(name, version)| {
+            secret.name.as_ref() == Some(name) && secret.resource_version.as_ref() == Some(version)
+        });
+        let in_flight = entry.writing.as_ref().is_some_and(|f| {
+            secret
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(TOKEN_FINGERPRINT))
+                == Some(f)
+        });
+        same_version || in_flight
     }
 
     pub fn handled_request(&self, key: &Key) -> Option<String> {

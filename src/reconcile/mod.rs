@@ -21,7 +21,7 @@ use std::{
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, ResourceExt, runtime::controller::Action};
+use kube::{Api, Resource, ResourceExt, runtime::controller::Action};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 mod act;
@@ -34,7 +34,7 @@ mod observe;
 mod outcome;
 mod publish;
 
-pub use cache::{TokenCache, TokenCacheWriter, token_cache};
+pub use cache::{CachedScgToken, TokenCache, TokenCacheWriter, token_cache};
 pub use context::{Context, Deps};
 pub use controller::{Wiring, controller};
 pub use outcome::REFRESHED_EVENT_INTERVAL;
@@ -54,8 +54,10 @@ use crate::{
     scg::{Endpoint, RefreshError},
 };
 
-/// Reconciles one ScgToken.
-pub async fn reconcile(obj: Arc<ScgToken>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// Reconciles one ScgToken. Only `obj`'s namespace and name are used: the pass reads the
+/// ScgToken afresh, so the controller hands over its [`CachedScgToken`] and tests a whole
+/// one.
+pub async fn reconcile<K: Resource>(obj: Arc<K>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let namespace = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
@@ -98,7 +100,7 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
 }
 
 /// Requeue after a failed pass ([`policy::requeue_after_error`]).
-pub fn error_policy(obj: Arc<ScgToken>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(obj: Arc<CachedScgToken>, error: &Error, ctx: Arc<Context>) -> Action {
     warn!(
         namespace = obj.namespace().unwrap_or_default(),
         name = obj.name_any(),

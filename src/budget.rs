@@ -9,8 +9,8 @@
 //!   goes before a seed (its expiry is unknown, and a seed is normally long-lived), and
 //!   a seed before a token that has already expired (its consumers are down already and
 //!   ordering cannot save it; among those, the one dead longest goes first);
-//! - a 429's `Retry-After` pauses every waiter of that endpoint (scheme, host, port and
-//!   path), not only the token that got it, so they wait instead of each collecting a
+//! - a 429's `Retry-After` (or a 503's, when it has one) pauses every waiter of that
+//!   endpoint (scheme, host, port and path), not only the token that got it, so they wait instead of each collecting a
 //!   429. Other endpoints go on. A pause never holds a token within [`URGENT_LEAD`] of
 //!   its expiry, as the per-token back-off never waits past expiry either.
 //!

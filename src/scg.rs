@@ -135,7 +135,11 @@ pub enum RefreshError {
     #[error("the SCG API is rate limiting refreshes (HTTP 429)")]
     RateLimited { retry_after: Option<Duration> },
     #[error("the SCG API answered HTTP {status}")]
-    Unavailable { status: u16 },
+    Unavailable {
+        status: u16,
+        /// A 503's `Retry-After`, in seconds.
+        retry_after: Option<Duration>,
+    },
     #[error("the refresh call got no answer within {0:?}")]
     Timeout(Duration),
     #[error("the SCG API could not be reached: {0}")]
@@ -270,20 +274,25 @@ impl HttpTokenApi {
             .await
             .map_err(|e| transport(e, req.timeout))?;
         let status = response.status().as_u16();
+        // Retry-After in seconds (the HTTP-date form is not used by rate limiters).
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         if status == 429 {
-            let retry_after = response
-                .headers()
-                .get(reqwest::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
             return Err(RefreshError::RateLimited { retry_after });
         }
         if (400..500).contains(&status) {
             return Err(RefreshError::Rejected { status });
         }
         if !(200..300).contains(&status) {
-            return Err(RefreshError::Unavailable { status });
+            let retry_after = retry_after.filter(|_| status == 503);
+            return Err(RefreshError::Unavailable {
+                status,
+                retry_after,
+            });
         }
         // Nothing but identity was asked for (no Accept-Encoding): a compressed body would
         // otherwise be reported as one that is not JSON.

@@ -89,11 +89,12 @@ struct Call {
 }
 
 /// Answers every refresh with `<old token>'`, valid for the lifetime set for its
-/// chain (named by its seed); the next call to `rate_limited` answers 429.
+/// chain (named by its seed); the next call to `rate_limited`'s endpoint gets its error
+/// (a 429 or a 503 with `Retry-After`).
 struct FakeApi {
     timer: Arc<ManualTimer>,
     lifetimes: Mutex<HashMap<String, u64>>,
-    rate_limited: Mutex<Option<(Endpoint, Duration)>>,
+    rate_limited: Mutex<Option<(Endpoint, RefreshError)>>,
     calls: Mutex<Vec<Call>>,
     count: watch::Sender<usize>,
 }
@@ -135,11 +136,7 @@ impl TokenApi for FakeApi {
         });
         let mut limited = self.rate_limited.lock().unwrap();
         let out = match limited.take() {
-            Some((endpoint, after)) if endpoint == *req.endpoint => {
-                Err(RefreshError::RateLimited {
-                    retry_after: Some(after),
-                })
-            }
+            Some((endpoint, error)) if endpoint == *req.endpoint => Err(error),
             other => {
                 *limited = other;
                 let seed = old.trim_end_matches('\'');
@@ -358,6 +355,24 @@ async fn fifty_due_tokens_go_at_the_rate_earliest_expiry_first() {
 
 #[tokio::test]
 async fn a_429_holds_back_its_endpoint_and_not_the_others() {
+    retry_after_holds_back_its_endpoint(RefreshError::RateLimited {
+        retry_after: Some(Duration::from_secs(30)),
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_503_with_retry_after_holds_back_its_endpoint_and_not_the_others() {
+    retry_after_holds_back_its_endpoint(RefreshError::Unavailable {
+        status: 503,
+        retry_after: Some(Duration::from_secs(30)),
+    })
+    .await;
+}
+
+/// `error` (with a Retry-After of 30 s) on the first call through endpoint A holds back
+/// A's other refreshes for 30 s, and B's not at all.
+async fn retry_after_holds_back_its_endpoint(error: RefreshError) {
     let w = World::new().await;
     let a: Vec<String> = (0..5).map(|i| format!("a{i}")).collect();
     let b: Vec<String> = (0..5).map(|i| format!("b{i}")).collect();
@@ -369,7 +384,7 @@ async fn a_429_holds_back_its_endpoint_and_not_the_others() {
     }
     let ctx = w.context(Rate::new(10.0, 1).unwrap());
     let endpoint_a = Endpoint::parse(A, false).unwrap();
-    *w.api.rate_limited.lock().unwrap() = Some((endpoint_a, Duration::from_secs(30)));
+    *w.api.rate_limited.lock().unwrap() = Some((endpoint_a, error));
 
     // a0 goes first and is told to come back in 30 s.
     join_ok(vec![w.spawn(&ctx, "a0").await]).await;

@@ -78,7 +78,10 @@ impl TokenApi for FakeApi {
                 token: SecretString::new(token),
                 lifetime: Duration::from_secs(secs),
             }),
-            None => Err(RefreshError::Unavailable { status: 599 }),
+            None => Err(RefreshError::Unavailable {
+                status: 599,
+                retry_after: None,
+            }),
         };
         Box::pin(async move { out })
     }

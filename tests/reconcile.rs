@@ -73,7 +73,10 @@ impl TokenApi for FakeApi {
             .unwrap()
             .push(req.old_token.expose().to_string());
         let next = self.script.lock().unwrap().pop_front();
-        let out = next.unwrap_or(Err(RefreshError::Unavailable { status: 599 }));
+        let out = next.unwrap_or(Err(RefreshError::Unavailable {
+            status: 599,
+            retry_after: None,
+        }));
         if let Ok(r) = &out {
             self.issued
                 .lock()
@@ -556,7 +559,10 @@ async fn outage_backs_off_before_expiry_and_then_reports_expired() {
     w.reconcile("messaging").await.unwrap();
 
     w.clock.advance(Duration::from_secs(45));
-    w.api.fail(RefreshError::Unavailable { status: 503 });
+    w.api.fail(RefreshError::Unavailable {
+        status: 503,
+        retry_after: None,
+    });
     w.reconcile("messaging").await.unwrap();
     let status = w.token("messaging").await.status.unwrap();
     assert_eq!(w.ready("messaging").await.1, "Unavailable");
@@ -762,7 +768,10 @@ async fn a_token_held_in_memory_is_stored_even_after_the_spec_changes() {
 async fn storing_a_held_token_after_a_failure_streak_reports_refreshed() {
     let w = World::new().await;
     w.create("messaging", |_| {}).await;
-    w.api.fail(RefreshError::Unavailable { status: 503 });
+    w.api.fail(RefreshError::Unavailable {
+        status: 503,
+        retry_after: None,
+    });
     w.reconcile("messaging").await.unwrap();
     assert_eq!(w.ready("messaging").await.1, "Unavailable");
 

@@ -223,10 +223,30 @@ async fn status_server() -> String {
         let page = format!("<html>error for {}</html>", uri.query().unwrap_or(""));
         (StatusCode::from_u16(code).unwrap(), page).into_response()
     }
-    let router = Router::new().route("/status/{code}", get(status)).route(
-        "/limited-with-retry-after",
-        get(|| async { (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "7")]) }),
-    );
+    let router = Router::new()
+        .route("/status/{code}", get(status))
+        .route(
+            "/limited-with-retry-after",
+            get(|| async { (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "7")]) }),
+        )
+        .route(
+            "/unavailable-with-retry-after",
+            get(|| async {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "9")],
+                )
+            }),
+        )
+        .route(
+            "/failing-with-retry-after",
+            get(|| async {
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    [(header::RETRY_AFTER, "9")],
+                )
+            }),
+        );
     serve(router).await
 }
 
@@ -255,12 +275,46 @@ async fn rate_limiting_carries_retry_after() {
     assert_eq!(err, RefreshError::RateLimited { retry_after: None });
 }
 
+/// A 503's Retry-After is kept (every refresh through the endpoint waits it out); other
+/// server errors say nothing about when to come back.
+#[tokio::test]
+async fn a_503_carries_retry_after() {
+    let url = status_server().await;
+    let err = run(&format!("{url}/unavailable-with-retry-after"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        RefreshError::Unavailable {
+            status: 503,
+            retry_after: Some(Duration::from_secs(9))
+        }
+    );
+    let err = run(&format!("{url}/failing-with-retry-after"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        RefreshError::Unavailable {
+            status: 500,
+            retry_after: None
+        }
+    );
+}
+
 #[tokio::test]
 async fn server_errors_are_unavailability() {
     let url = status_server().await;
     for status in [500, 502, 503] {
         let err = run(&format!("{url}/status/{status}")).await.unwrap_err();
-        assert_eq!(err, RefreshError::Unavailable { status }, "HTTP {status}");
+        assert_eq!(
+            err,
+            RefreshError::Unavailable {
+                status,
+                retry_after: None
+            },
+            "HTTP {status}"
+        );
     }
 }
 
@@ -282,7 +336,13 @@ async fn redirects_are_not_followed() {
     }))
     .await;
     let err = run(&format!("{redirecting}{PATH}")).await.unwrap_err();
-    assert_eq!(err, RefreshError::Unavailable { status: 302 });
+    assert_eq!(
+        err,
+        RefreshError::Unavailable {
+            status: 302,
+            retry_after: None
+        }
+    );
     // Had the client followed, the call would only have returned after this server
     // answered, so the count is final.
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
@@ -364,7 +424,13 @@ async fn bodies_that_are_not_token_responses_are_invalid() {
         );
     }
     let err = run(&format!("{url}/html-502")).await.unwrap_err();
-    assert_eq!(err, RefreshError::Unavailable { status: 502 });
+    assert_eq!(
+        err,
+        RefreshError::Unavailable {
+            status: 502,
+            retry_after: None
+        }
+    );
     let ok = run(&format!("{url}/exactly-64k"))
         .await
         .expect("a 64 KiB token response is within the limit");

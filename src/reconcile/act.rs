@@ -185,7 +185,8 @@ impl Pass<'_> {
     }
 
     /// Calls the refresh API with the chain's current token. Returns when the request
-    /// left, and the answer. A 429 pauses every refresh through the endpoint.
+    /// left, and the answer. A 429, or a 503 with `Retry-After`, pauses every refresh
+    /// through the endpoint.
     pub(super) async fn call(
         &self,
         settings: &Settings,
@@ -208,8 +209,16 @@ impl Pass<'_> {
                 timeout: settings.timeout,
             })
             .await;
-        if let Err(RefreshError::RateLimited { retry_after }) = &result {
-            self.ctx.budget.pause(endpoint, *retry_after);
+        // The API said when to come back: every refresh through the endpoint waits.
+        match &result {
+            Err(RefreshError::RateLimited { retry_after }) => {
+                self.ctx.budget.pause(endpoint, *retry_after)
+            }
+            Err(RefreshError::Unavailable {
+                retry_after: Some(after),
+                ..
+            }) => self.ctx.budget.pause(endpoint, Some(*after)),
+            _ => {}
         }
         let metrics = &self.ctx.metrics;
         metrics

@@ -276,16 +276,15 @@ fn classify(error: &RefreshError) -> (FailureKind, Reason) {
     let unavailable = FailureKind::Unavailable { retry_after: None };
     match error {
         RefreshError::Rejected { .. } => (FailureKind::Rejected, Reason::Rejected),
-        RefreshError::RateLimited { retry_after } => (
+        RefreshError::RateLimited { retry_after }
+        | RefreshError::Unavailable { retry_after, .. } => (
             FailureKind::Unavailable {
                 retry_after: *retry_after,
             },
             Reason::Unavailable,
         ),
         RefreshError::InvalidResponse(_) => (unavailable, Reason::InvalidResponse),
-        RefreshError::Unavailable { .. }
-        | RefreshError::Timeout(_)
-        | RefreshError::Transport(_) => (unavailable, Reason::Unavailable),
+        RefreshError::Timeout(_) | RefreshError::Transport(_) => (unavailable, Reason::Unavailable),
     }
 }
 
@@ -464,7 +463,10 @@ mod tests {
     #[test]
     fn a_refused_stored_token_on_the_first_call_says_the_chain_broke() {
         let rejected = RefreshError::Rejected { status: 401 };
-        let unavailable = RefreshError::Unavailable { status: 503 };
+        let unavailable = RefreshError::Unavailable {
+            status: 503,
+            retry_after: None,
+        };
         let seed = TokenTimes::default();
         let issued = |expires| TokenTimes {
             issued_at: Some(t(-10)),
@@ -727,7 +729,13 @@ mod tests {
                 before: Some(Unavailable),
                 failures: 4,
                 refreshed_event_at: None,
-                happened: failed(RefreshError::Unavailable { status: 503 }, 2),
+                happened: failed(
+                    RefreshError::Unavailable {
+                        status: 503,
+                        retry_after: None,
+                    },
+                    2,
+                ),
                 reason: Expired,
                 events: &["Expired"],
                 wake: Some(policy::retry_at(t(2), unavailable, 5, Some(t(2)), 7)),

@@ -20,7 +20,15 @@ pub mod reconcile;
 pub mod report;
 pub mod scg;
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use kube::runtime::events::Reporter;
 use prometheus_client::registry::Registry;
@@ -139,12 +147,31 @@ pub async fn run(
         namespace: config.namespace,
         concurrency: config.concurrent_reconciles,
     };
-    reconcile::controller(ctx.clone(), wiring, stopped(), move || {
+    let synced = Arc::new(AtomicBool::new(false));
+    let on_sync = synced.clone();
+    let controller = reconcile::controller(ctx.clone(), wiring, stopped(), move || {
+        on_sync.store(true, Ordering::SeqCst);
         info!("caches synced; ready");
         ready.set_ready();
     })
-    .for_each(|()| async {})
-    .await;
+    .for_each(|()| async {});
+    // kube's controller starts no pass before the ScgToken cache has synced, and until
+    // then does not end on shutdown either (say the API server was never reachable).
+    // Both happen in the stream this task polls, so "not synced" at shutdown means no
+    // pass ever started, and the controller can be dropped.
+    let stopped_unsynced = {
+        let stopped = stopped();
+        async move {
+            stopped.await;
+            if synced.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = controller => {}
+        () = stopped_unsynced => info!("stopping before the caches synced"),
+    }
     // A token received in the last pass whose write failed is still ours to store.
     ctx.flush_pending(Duration::from_secs(15)).await;
     let _ = release_tx.send(());

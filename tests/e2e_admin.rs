@@ -17,8 +17,8 @@ use std::{
 
 use common::admin::{admin_addr, get_path, http, metrics_text, not_ready_message, readyz_ok};
 use common::harness::{
-    CONSUMER_KEY, CONSUMER_SECRET, Env, PATIENCE, UNKNOWN_CONSUMER, UNKNOWN_SEED, lease,
-    lease_holder, short, wait_target_change,
+    CONSUMER_KEY, CONSUMER_SECRET, Env, Operator, PATIENCE, UNKNOWN_CONSUMER, UNKNOWN_SEED, lease,
+    lease_holder, poll_until, short, wait_target_change,
 };
 use common::metrics::{metric, parse_metrics};
 use common::proxy::CallTap;
@@ -225,6 +225,50 @@ async fn admin_endpoints_report_health_readiness_and_metrics_without_secrets() {
 // ---------------------------------------------------------------------------------------
 // Graceful shutdown
 // ---------------------------------------------------------------------------------------
+
+/// SIGTERM ends the operator even when it never reached the Kubernetes API (its caches
+/// never synced): nothing was started, so nothing is left to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_an_operator_that_never_reached_the_api_server() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "scg-unreachable-{}-{closed_port}.kubeconfig",
+        std::process::id()
+    ));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"http://127.0.0.1:{closed_port}\"}}\n\
+             users:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\n\
+             current-context: c\n"
+        ),
+    )
+    .expect("write kubeconfig");
+    let args: Vec<String> = [
+        "run",
+        "--admin-addr=127.0.0.1:0",
+        "--leader-elect=false",
+        "--namespace=default",
+    ]
+    .map(String::from)
+    .into();
+    let mut op = Operator::spawn(&kubeconfig, &args, &[]);
+    poll_until("a failed first list", Duration::from_millis(50), || async {
+        op.logs().contains("initial object list").then_some(())
+    })
+    .await;
+    let status = op.terminate(PATIENCE).await;
+    let _ = std::fs::remove_file(&kubeconfig);
+    let logs = op.logs();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "no clean exit after SIGTERM: {status:?}\n{logs}"
+    );
+    assert!(logs.contains("stopping before the caches synced"), "{logs}");
+}
 
 /// A rotation costs the API server one pass: the operator's own Secret write and status
 /// write start no further pass (on either server, counted by the operator's own metric).

@@ -363,7 +363,8 @@ pub struct Operator {
 }
 
 impl Operator {
-    fn spawn(
+    /// Starts `scg-token-operator ARGS` with `kubeconfig` (tests use [`Env::operator`]).
+    pub fn spawn(
         kubeconfig: &std::path::Path,
         args: &[String],
         envs: &[(&str, Option<&str>)],

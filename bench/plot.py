@@ -86,6 +86,7 @@ def main():
             ax.plot([r["tokens"] for r in rs], [r["operator"][key] for r in rs], style, label=label)
 
     line(rss_ax, steady_all, "rss_end_mib", "o-", "rotating, all created at once")
+    line(rss_ax, paced, "rss_end_mib", "^-", "rotating, created over 40 s")
     line(rss_ax, pick(runs, "idle", paced=True), "rss_end_mib", "s-", "idle, created over time")
     line(
         rss_ax,

@@ -53,7 +53,7 @@ def main():
             [r["scg"]["lag_ms"][key] for r in steady],
             style,
             color=colors[key],
-            label=f"{key} (last run)",
+            label=f"{key}, all created at once",
         )
         lag_ax.plot(
             [r["tokens"] for r in steady_all],

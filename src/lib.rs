@@ -139,17 +139,39 @@ pub async fn run(
     .with_budget(budget)
     .with_consumer_reports(config.consumer_reports);
     let ctx = Arc::new(ctx);
-    let ready = state.clone();
-    use futures::StreamExt;
     let wiring = reconcile::Wiring {
         tokens: tokens_writer,
         leases,
         namespace: config.namespace,
         concurrency: config.concurrent_reconciles,
     };
+    control(ctx.clone(), wiring, &state, stopped).await;
+    // A token received in the last pass whose write failed is still ours to store.
+    ctx.flush_pending(Duration::from_secs(15)).await;
+    let _ = release_tx.send(());
+    if let Some(task) = election {
+        let _ = task.await;
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// Runs the controller until `stopped` resolves and its passes in flight have ended;
+/// marks `state` ready once the caches have synced.
+async fn control<S, F>(
+    ctx: Arc<reconcile::Context>,
+    wiring: reconcile::Wiring,
+    state: &admin::State,
+    stopped: S,
+) where
+    S: Fn() -> F,
+    F: Future<Output = ()> + Send + Sync + 'static,
+{
+    use futures::StreamExt;
     let synced = Arc::new(AtomicBool::new(false));
     let on_sync = synced.clone();
-    let controller = reconcile::controller(ctx.clone(), wiring, stopped(), move || {
+    let ready = state.clone();
+    let controller = reconcile::controller(ctx, wiring, stopped(), move || {
         on_sync.store(true, Ordering::SeqCst);
         info!("caches synced; ready");
         ready.set_ready();
@@ -172,14 +194,6 @@ pub async fn run(
         () = controller => {}
         () = stopped_unsynced => info!("stopping before the caches synced"),
     }
-    // A token received in the last pass whose write failed is still ours to store.
-    ctx.flush_pending(Duration::from_secs(15)).await;
-    let _ = release_tx.send(());
-    if let Some(task) = election {
-        let _ = task.await;
-    }
-    info!("stopped");
-    Ok(())
 }
 
 /// The budget every refresh call waits on. Refreshes still waiting when `stopped`

@@ -226,6 +226,37 @@ async fn admin_endpoints_report_health_readiness_and_metrics_without_secrets() {
 // Graceful shutdown
 // ---------------------------------------------------------------------------------------
 
+/// `--concurrent-reconciles` bounds the passes, and so the refresh calls, in flight: with
+/// 2, six ScgTokens due together are refreshed two at a time while the simulator holds
+/// each call 600 ms, so no three calls fall within one call's length (a third can only
+/// start once one of the first two has ended). Unbounded, all six arrive at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reconciles_bounds_the_refreshes_in_flight() {
+    let env = Env::start(SimConfig::default()).await;
+    for i in 0..6 {
+        let creds = format!("creds-{i}");
+        env.credentials(&creds, &format!("app-{i}")).await;
+        env.scgtoken(&format!("bounded-{i}"), &creds, |_| {}).await;
+    }
+    let hold = Duration::from_millis(600);
+    env.sim.set_fault(Fault::Delay(hold), Some(6));
+    let _op = env.operator(&["--concurrent-reconciles=2"]);
+    assert!(
+        env.sim.wait_refreshes(6, PATIENCE).await,
+        "six first refreshes"
+    );
+    let mut arrivals: Vec<_> = env.sim.refresh_log().iter().map(|c| c.at).collect();
+    arrivals.sort();
+    for three in arrivals.windows(3) {
+        let span = three[2].duration_since(three[0]).unwrap_or_default();
+        assert!(
+            span >= hold,
+            "three refresh calls within {span:?}: more than 2 in flight"
+        );
+    }
+    env.finish().await;
+}
+
 /// SIGTERM ends the operator even when it never reached the Kubernetes API (its caches
 /// never synced): nothing was started, so nothing is left to finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,11 +153,13 @@ async fn admin_endpoints_report_health_readiness_and_metrics_without_secrets() {
     let calls = metric(&m, "scgtoken_refresh_duration_seconds_count", &[]).unwrap_or(0.0);
     assert!(calls >= 3.0, "refresh_duration count {calls}");
     assert!(metric(&m, "scgtoken_refresh_duration_seconds_sum", &[]).is_some());
+    // Passes are counted as they end: the pass of the second token may still be
+    // publishing, so at least the first one's and the broken token's.
     assert!(
-        metric(&m, "scgtoken_reconciles_total", &[]).is_some_and(|v| v >= 3.0),
+        metric(&m, "scgtoken_reconciles_total", &[]).is_some_and(|v| v >= 2.0),
         "scgtoken_reconciles_total"
     );
-    assert!(metric(&m, "scgtoken_reconcile_duration_seconds_count", &[]).is_some_and(|v| v >= 3.0));
+    assert!(metric(&m, "scgtoken_reconcile_duration_seconds_count", &[]).is_some_and(|v| v >= 2.0));
     assert_eq!(metric(&m, "scgtoken_leader", &[]), Some(1.0));
 
     // Labels: ScgToken namespace and name (and fixed words), nothing else.

@@ -460,6 +460,39 @@ mod tests {
         }
     }
 
+    /// The outcome of a call that ended at t(2) with `error`, from a `Refreshed` token
+    /// with `times`.
+    fn failed_while_refreshed(
+        error: &RefreshError,
+        times: TokenTimes,
+        first_call: bool,
+    ) -> Outcome {
+        let status = ScgTokenStatus::default();
+        let ready = condition(Reason::Refreshed);
+        let prior = Prior {
+            status: &status,
+            ready: Some(&ready),
+            generation: Some(1),
+            target_name: "messaging",
+            refreshed_event_at: None,
+        };
+        let happened = Happened::Failed {
+            attempt: Attempt {
+                shown: Shown {
+                    times,
+                    token_fingerprint: "tfp".into(),
+                    credentials_fingerprint: "cfp".into(),
+                },
+                request: None,
+            },
+            error: error.clone(),
+            at: t(2),
+            jitter_key: 7,
+            first_call,
+        };
+        outcome(&prior, happened, t(0))
+    }
+
     #[test]
     fn a_refused_stored_token_on_the_first_call_says_the_chain_broke() {
         let rejected = RefreshError::Rejected { status: 401 };
@@ -505,30 +538,7 @@ mod tests {
             ),
         ];
         for (case, error, times, first_call, want) in rows {
-            let status = ScgTokenStatus::default();
-            let ready = condition(Reason::Refreshed);
-            let prior = Prior {
-                status: &status,
-                ready: Some(&ready),
-                generation: Some(1),
-                target_name: "messaging",
-                refreshed_event_at: None,
-            };
-            let happened = Happened::Failed {
-                attempt: Attempt {
-                    shown: Shown {
-                        times,
-                        token_fingerprint: "tfp".into(),
-                        credentials_fingerprint: "cfp".into(),
-                    },
-                    request: None,
-                },
-                error: error.clone(),
-                at: t(2),
-                jitter_key: 7,
-                first_call,
-            };
-            let out = outcome(&prior, happened, t(0));
+            let out = failed_while_refreshed(error, times, first_call);
             assert_eq!(out.reason, want, "{case}");
             assert_eq!(out.events.len(), 1, "{case}: one Event");
             assert_eq!(out.events[0].reason, want.as_str(), "{case}");

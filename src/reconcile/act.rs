@@ -37,10 +37,7 @@ pub(super) async fn store_held(
     let namespace = obj.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = Key::new(namespace, obj.name_any());
-    ctx.memory
-        .writing(&key, chain::fingerprint(obj, held.token.expose()));
-    let result = chain::persist(&secrets, obj, base, held).await;
-    ctx.memory.wrote(&key, result.as_ref().ok());
+    let result = persist(ctx, &secrets, &key, obj, base, held).await;
     match &result {
         Ok(_) => info!("stored the token held in memory"),
         Err(PersistError::Superseded(_)) => {
@@ -49,6 +46,23 @@ pub(super) async fn store_held(
         Err(_) => return result,
     }
     ctx.memory.stored(&key, held.clone());
+    result
+}
+
+/// [`chain::persist`], with the write noted in memory (the token while it is on its
+/// way, the version once it landed), so that its watch event starts no pass.
+async fn persist(
+    ctx: &Context,
+    secrets: &Api<Secret>,
+    key: &Key,
+    obj: &ScgToken,
+    base: Option<&Secret>,
+    chain: &Chain,
+) -> Result<Secret, PersistError> {
+    ctx.memory
+        .writing(key, chain::fingerprint(obj, chain.token.expose()));
+    let result = chain::persist(secrets, obj, base, chain).await;
+    ctx.memory.wrote(key, result.as_ref().ok());
     result
 }
 
@@ -240,13 +254,9 @@ impl Pass<'_> {
         base: Option<&Secret>,
         new: &Chain,
     ) -> Result<(), PersistError> {
-        let memory = &self.ctx.memory;
-        memory.hold(&self.key, new.clone());
-        memory.writing(&self.key, chain::fingerprint(self.obj, new.token.expose()));
-        let written = chain::persist(&self.secrets, self.obj, base, new).await;
-        memory.wrote(&self.key, written.as_ref().ok());
-        written?;
-        memory.stored(&self.key, new.clone());
+        self.ctx.memory.hold(&self.key, new.clone());
+        persist(self.ctx, &self.secrets, &self.key, self.obj, base, new).await?;
+        self.ctx.memory.stored(&self.key, new.clone());
         Ok(())
     }
 

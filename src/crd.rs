@@ -71,7 +71,7 @@ const DURATION_PATTERN: &str = "^([0-9]+(h|m|s))+$";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!(has(self.refreshBefore) && has(self.refreshBeforePercentage))").message("set refreshBefore or refreshBeforePercentage, not both"))]
-#[x_kube(validation = Rule::new("!has(self.refreshBefore) || duration(self.refreshBefore) < duration(self.validity)").message("refreshBefore must be shorter than validity"))]
+#[x_kube(validation = Rule::new("!has(self.refreshBefore) || (duration(self.refreshBefore) > duration('0s') && duration(self.refreshBefore) < duration(self.validity))").message("refreshBefore must be longer than 0s and shorter than validity"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScgTokenSpec {
     /// The Secret, in the ScgToken's own namespace, holding the application's consumer
@@ -89,7 +89,8 @@ pub struct ScgTokenSpec {
     #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('8760h')").message("validity must be between 30s and 8760h"))]
     pub validity: String,
 
-    /// How long before expiry to refresh, e.g. `10m`. Must be shorter than `validity`;
+    /// How long before expiry to refresh, e.g. `10m`. Longer than `0s` and shorter than
+    /// `validity`;
     /// excludes `refreshBeforePercentage`. When the API returns a lifetime shorter than
     /// this margin, the operator refreshes after a tenth of the lifetime instead, so a
     /// short lifetime never causes a refresh loop. Pods that read a mounted Secret volume
@@ -109,7 +110,8 @@ pub struct ScgTokenSpec {
 
     /// Full URL of the refresh call. Default
     /// `https://api.syniverse.com/apptoken-refresh` (some accounts use
-    /// `https://api.syniverse.com/v1/apptoken-refresh`). Plain `http://` is refused unless
+    /// `https://api.syniverse.com/v1/apptoken-refresh`). It starts with `https://`, in
+    /// lower case (the CRD's rule and the operator agree). Plain `http://` is refused unless
     /// the operator runs with `--allow-insecure-endpoints` (tests and local trials only).
     #[serde(default = "default_endpoint")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("endpoint must be an http(s) URL"))]
@@ -532,7 +534,7 @@ mod tests {
         let yaml = crd_yaml();
         for needle in [
             "x-kubernetes-validations",
-            "refreshBefore must be shorter than validity",
+            "refreshBefore must be longer than 0s and shorter than validity",
             "set refreshBefore or refreshBeforePercentage, not both",
             "duration(self) >= duration('30s')",
             "maximum: 90",

@@ -440,7 +440,7 @@ mod tests {
             ok(spec(|s| s.refresh_before_percentage = Some(25))),
             Ok(Margin::Percent(25))
         );
-        let bad: [(&str, ScgTokenSpec); 8] = [
+        let bad: [(&str, ScgTokenSpec); 9] = [
             ("between 30s", spec(|s| s.validity = "29s".into())),
             ("between 30s", spec(|s| s.validity = "8761h".into())),
             ("not a duration", spec(|s| s.validity = "1d".into())),
@@ -467,6 +467,10 @@ mod tests {
                 spec(|s| s.refresh_before_percentage = Some(0)),
             ),
             ("timeout", spec(|s| s.timeout = "0s".into())),
+            (
+                "longer than 0s",
+                spec(|s| s.refresh_before = Some("0s".into())),
+            ),
         ];
         for (want, s) in bad {
             let err = validate(&s).expect_err(want).0;

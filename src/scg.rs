@@ -35,6 +35,10 @@ impl fmt::Debug for SecretString {
     }
 }
 
+/// Why an endpoint that is not an http(s) URL is refused; the CRD's rule says the same.
+const ENDPOINT_PREFIX: &str =
+    "endpoint must be an http(s) URL, starting with https:// (or http://) in lower case";
+
 /// A validated refresh endpoint. Its `Debug` shows only scheme, host and path.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint(Url);
@@ -55,6 +59,11 @@ impl Endpoint {
     /// Checks a `spec.endpoint`. Plain http is accepted only with `allow_insecure`.
     pub fn parse(s: &str, allow_insecure: bool) -> Result<Endpoint, String> {
         // The input is not echoed: a malformed URL may carry credentials.
+        // The CRD's rule checks the same prefix: both refuse `HTTPS://`, though a URL
+        // parser would take it, so that no object is refused by one and not the other.
+        if !(s.starts_with("https://") || s.starts_with("http://")) {
+            return Err(ENDPOINT_PREFIX.into());
+        }
         let url = Url::parse(s).map_err(|_| "endpoint is not a valid URL".to_string())?;
         if !url.username().is_empty() || url.password().is_some() {
             return Err("endpoint must not carry credentials".into());
@@ -70,7 +79,7 @@ impl Endpoint {
                  use https (or run the operator with --allow-insecure-endpoints for tests)"
                     .into(),
             ),
-            other => Err(format!("endpoint scheme {other:?} is not http(s)")),
+            _ => Err(ENDPOINT_PREFIX.into()),
         }
     }
 }
@@ -508,7 +517,9 @@ mod tests {
         assert!(Endpoint::parse("http://127.0.0.1:9/x", true).is_ok());
         let err = |s: &str| Endpoint::parse(s, false).unwrap_err();
         assert!(err("http://127.0.0.1:9/x").contains("plain http"));
-        assert!(err("ftp://x/").contains("not http(s)"));
+        assert!(err("ftp://x/").contains("must be an http(s) URL"));
+        assert!(err("HTTPS://x/").contains("must be an http(s) URL"));
+        assert!(err(" https://x/").contains("must be an http(s) URL"));
         assert!(err("https://u:p@x/").contains("credentials"));
         assert!(err("https://x/?a=b").contains("query"));
         assert_eq!(err("https://user:pw@[bad/"), "endpoint is not a valid URL");

@@ -555,9 +555,15 @@ fn catalogue() -> Vec<Case> {
             .expect(spec, "refreshBeforePercentage 91 must be between 1 and 90"),
         Case::new("endpoint scheme ftp")
             .spec(|s| s.endpoint = "ftp://scg.example/apptoken-refresh".into())
-            .expect(spec, "endpoint scheme \"ftp\" is not http(s)"),
+            .expect(spec, "endpoint must be an http(s) URL"),
+        Case::new("endpoint scheme in upper case")
+            .spec(|s| s.endpoint = "HTTPS://scg.example/apptoken-refresh".into())
+            .expect(spec, "endpoint must be an http(s) URL"),
         Case::new("endpoint without scheme")
             .spec(|s| s.endpoint = "scg.example/apptoken-refresh".into())
+            .expect(spec, "endpoint must be an http(s) URL"),
+        Case::new("endpoint not a URL")
+            .spec(|s| s.endpoint = "https://[scg.example/apptoken-refresh".into())
             .expect(spec, "endpoint is not a valid URL"),
         Case::new("endpoint http without --allow-insecure-endpoints")
             .spec(|s| s.endpoint = "http://scg.example/apptoken-refresh".into())

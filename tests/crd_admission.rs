@@ -67,12 +67,22 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
     (
         "refreshBefore equal to validity",
         r#"{"validity": "1h", "refreshBefore": "60m"}"#,
-        "refreshBefore must be shorter than validity",
+        "refreshBefore must be longer than 0s and shorter than validity",
+    ),
+    (
+        "refreshBefore zero",
+        r#"{"refreshBefore": "0s"}"#,
+        "refreshBefore must be longer than 0s and shorter than validity",
+    ),
+    (
+        "endpoint scheme in upper case",
+        r#"{"endpoint": "HTTPS://api.example.invalid/apptoken-refresh"}"#,
+        "endpoint must be an http(s) URL",
     ),
     (
         "refreshBefore longer than the default validity",
         r#"{"refreshBefore": "25h"}"#,
-        "refreshBefore must be shorter than validity",
+        "refreshBefore must be longer than 0s and shorter than validity",
     ),
     (
         "staleAfter below 1s",
@@ -109,6 +119,7 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"timeout": "2m", "validity": "8760h", "refreshBefore": "8759h59m59s"}"#,
     ),
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
+    ("shortest refreshBefore", r#"{"refreshBefore": "1s"}"#),
     (
         "consumers at their bounds",
         r#"{"consumers": {"agents": true, "staleAfter": "1s", "podSelector": {"matchLabels": {"app": "a"}}}}"#,
@@ -248,6 +259,53 @@ fn describe(e: &kube::Error) -> String {
         kube::Error::Api(s) => format!("HTTP {} {}: {}", s.code, s.reason, s.message),
         other => other.to_string(),
     }
+}
+
+/// The operator's own check of a spec (for clusters without CEL, and objects stored
+/// before a rule existed) gives the CEL rules' answer: it refuses each bad spec of the
+/// tables with the rule's message, and admits each good one. The consumers' rules are
+/// the exception, by design: the operator does not stop refreshing a token over how its
+/// consumers are watched; it keeps the default `staleAfter` and refuses an empty
+/// `podSelector` when it would nudge. Runs without a server.
+#[test]
+fn the_operator_refuses_what_the_cel_rules_refuse() {
+    use scg_token_operator::{crd::ScgTokenSpec, policy, scg::Endpoint};
+    let check = |spec: &str| -> Result<(), String> {
+        let obj = scgtoken("check", spec);
+        let spec: ScgTokenSpec = serde_json::from_value(obj.data["spec"].clone())
+            .map_err(|e| format!("not an ScgTokenSpec: {e}"))?;
+        // Plain http is the operator's own switch, not a CEL rule.
+        Endpoint::parse(&spec.endpoint, true)?;
+        policy::validate(&spec).map(drop).map_err(|e| e.0)
+    };
+    let mut problems = Vec::new();
+    for (what, spec) in GOOD_SPECS {
+        if let Err(e) = check(spec) {
+            problems.push(format!("{what}: refused by the operator: {e}"));
+        }
+    }
+    for (what, spec, message) in BAD_SPECS
+        .iter()
+        .filter(|(_, s, _)| !s.contains("consumers"))
+    {
+        match check(spec) {
+            Ok(()) => problems.push(format!("{what}: admitted by the operator")),
+            Err(e) if says(&e, message) => {}
+            Err(e) => problems.push(format!("{what}: refused for another reason: {e}")),
+        }
+    }
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+}
+
+/// Whether `runtime` carries every word of `rule` in order: the operator's messages add
+/// the values ("timeout 0s must be between 1s and 2m") and punctuation.
+fn says(runtime: &str, rule: &str) -> bool {
+    fn words(s: &str) -> impl Iterator<Item = &str> {
+        s.split_whitespace()
+            .map(|w| w.trim_end_matches([',', ':', ';']))
+    }
+    let mut said = words(runtime);
+    words(rule).all(|w| said.any(|r| r == w))
 }
 
 /// Every CEL rule in the committed CRD has a row in the table, so a new rule cannot

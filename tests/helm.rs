@@ -172,6 +172,9 @@ fn assert_env_equivalent(helm: &Value, kustomize: &Value) {
     let defaults = [
         ("SCG_LEASE_NAME", "scg-token-operator"),
         ("SCG_ADMIN_ADDR", "0.0.0.0:8080"),
+        ("SCG_CONCURRENT_RECONCILES", "64"),
+        ("SCG_MAX_REFRESH_RATE", "1000"),
+        ("SCG_REFRESH_BURST", "100"),
     ];
     for e in seq(get(helm, "env")) {
         let name = s(e, "name");
@@ -386,6 +389,106 @@ fn service_monitor_matches_the_prometheus_overlay() {
     ));
 }
 
+/// `kubectl kustomize` of the base with the given components, from a kustomization
+/// written under the test's scratch directory (kustomize takes relative paths only).
+fn kustomize_with(components: &[&str]) -> Vec<Value> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "helm-components-{}-{}",
+        std::process::id(),
+        components.join("+")
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    let deploy = relative(&dir, &repo().join("deploy"));
+    let listed = |names: Vec<String>| {
+        names
+            .iter()
+            .map(|n| format!("  - {n}\n"))
+            .collect::<String>()
+    };
+    let text = format!(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n{}components:\n{}",
+        listed(vec![format!("{deploy}/base")]),
+        listed(
+            components
+                .iter()
+                .map(|c| format!("{deploy}/components/{c}"))
+                .collect()
+        ),
+    );
+    std::fs::write(dir.join("kustomization.yaml"), text).expect("write kustomization.yaml");
+    let out = run(Command::new("kubectl").arg("kustomize").arg(&dir))
+        .unwrap_or_else(|e| panic!("kubectl kustomize {}: {e}", dir.display()));
+    let _ = std::fs::remove_dir_all(&dir);
+    parse_docs(&out)
+}
+
+/// `to` as a path relative to `from` (both absolute).
+fn relative(from: &Path, to: &Path) -> String {
+    let (from, to) = (
+        from.canonicalize().expect("canonical scratch directory"),
+        to.canonicalize().expect("canonical deploy directory"),
+    );
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let ups = from.components().count() - common;
+    let rest: PathBuf = to.components().skip(common).collect();
+    format!("{}{}", "../".repeat(ups), rest.display())
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn consumer_switches_match_the_kustomize_components() {
+    let all = [
+        ("consumers.reports", "consumer-reports"),
+        ("consumers.podNudges", "consumer-nudge"),
+        ("consumers.rolloutRestarts", "rollout-restart"),
+    ];
+    // Each switch alone grants what its component grants, and nothing else does.
+    for (value, component) in all {
+        let helm = chart(&["--set", &format!("{value}=true")]);
+        assert_same_substance(&helm, &kustomize_with(&[component]));
+    }
+    let mut set = Vec::new();
+    for (value, _) in all {
+        set.extend(["--set".to_string(), format!("{value}=true")]);
+    }
+    let set: Vec<&str> = set.iter().map(String::as_str).collect();
+    let helm = chart(&set);
+    let components: Vec<&str> = all.iter().map(|(_, c)| *c).collect();
+    assert_same_substance(&helm, &kustomize_with(&components));
+    assert_eq!(
+        get(
+            env(container(&helm), "SCG_CONSUMER_REPORTS").unwrap(),
+            "value"
+        ),
+        "true"
+    );
+    // Namespaced: the same grants, in the watched namespace only.
+    let mut namespaced = set.clone();
+    namespaced.extend(["--set", "namespaced.enabled=true"]);
+    let grants = grants(&chart(&namespaced));
+    assert_eq!(
+        grants.keys().collect::<Vec<_>>(),
+        [&format!("namespace {NAMESPACE}")]
+    );
+    for (resource, verb) in [
+        ("leases", "watch"),
+        ("pods", "patch"),
+        ("deployments", "patch"),
+    ] {
+        assert!(
+            grants
+                .values()
+                .flatten()
+                .any(|(_, r, _, v)| r == resource && v == verb),
+            "namespaced mode lacks {verb} on {resource}"
+        );
+    }
+}
+
 #[test]
 #[ignore = "needs helm: run testenv/helm/build"]
 fn lease_name_and_port_values_reach_rbac_env_and_service() {
@@ -458,6 +561,16 @@ fn rendered_args_and_env_are_accepted_by_the_operator() {
         &[][..],
         &["-f", "charts/scg-token-operator/ci/namespaced-values.yaml"],
         &["--set", "metrics.port=9090", "--set", "logLevel=debug"],
+        &[
+            "--set",
+            "consumers.reports=true",
+            "--set-json",
+            "maxRefreshRate=0.5",
+            "--set",
+            "refreshBurst=1",
+            "--set",
+            "concurrentReconciles=1",
+        ],
         &[
             "--set",
             "leaderElection.enabled=false",

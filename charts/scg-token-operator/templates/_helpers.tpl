@@ -91,4 +91,22 @@ operator uses it; no wildcards. Shared by the ClusterRole and the namespaced Rol
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
+{{- if .Values.consumers.reports }}
+# consumers.reports: the agents' report Leases, read from a cache (never get or written).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- if .Values.consumers.podNudges }}
+# consumers.podNudges: list the pods of a podSelector and annotate them. No watch.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list", "patch"]
+{{- end }}
+{{- if .Values.consumers.rolloutRestarts }}
+# consumers.rolloutRestarts: read the pod template's restart annotations, then patch them.
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["get", "patch"]
+{{- end }}
 {{- end }}

@@ -678,7 +678,8 @@ async fn a_frozen_agent_turns_stale_then_current_again_and_a_dead_one_drops_out(
                 stored_at: Some(stored),
             };
             let now = jiff::Timestamp::now();
-            let status = consumers::aggregate(&reports(&client).await, token, grace, now);
+            let reports = reports(&client).await;
+            let status = consumers::aggregate(&reports, token, grace, now);
             let inputs = ConditionInputs {
                 status: Some(&status),
                 unread: None,
@@ -688,39 +689,46 @@ async fn a_frozen_agent_turns_stale_then_current_again_and_a_dead_one_drops_out(
                 now,
             };
             let c = consumers::condition(None, inputs).expect("a condition");
-            (status, c.status, c.message)
+            // The reports too: a timeout shows what the aggregate was made from.
+            (status, c.status, c.message, reports)
         }
     };
-    eventually("both agents current", || async {
-        (state(0, stored).await.0.summary == "2/2").then_some(())
-    })
+    eventually_seen(
+        "both agents current",
+        || state(0, stored),
+        |s| s.0.summary == "2/2",
+    )
     .await;
 
     a.signal("STOP");
     stored = put_token(&secrets, &tokens[1], HOUR).await;
-    let (status, _, message) = eventually("the frozen agent stale", || async {
-        let s = state(1, stored).await;
-        (s.1 == "False").then_some(s)
-    })
+    let (status, _, message, _) = eventually_seen(
+        "the frozen agent stale",
+        || state(1, stored),
+        |s| s.1 == "False",
+    )
     .await;
     assert_eq!(status.stale_pods, ["client-a"]);
     assert_eq!(status.summary, "1/2");
     assert!(message.contains("client-a"), "{message}");
 
     a.signal("CONT");
-    let (status, _, _) = eventually("the thawed agent current", || async {
-        let s = state(1, stored).await;
-        (s.1 == "True" && s.0.current == 2).then_some(s)
-    })
+    let (status, ..) = eventually_seen(
+        "the thawed agent current",
+        || state(1, stored),
+        |s| s.1 == "True" && s.0.current == 2,
+    )
     .await;
     assert!(status.slowest_switch_seconds.is_some());
     assert_eq!(read(&dir_a, "token").as_deref(), Some(tokens[1].as_str()));
 
     // Killed without a chance to release its Lease: it drops out when the heartbeat ends.
     b.kill().await;
-    eventually("the dead agent gone", || async {
-        (state(1, stored).await.0.summary == "1/1").then_some(())
-    })
+    eventually_seen(
+        "the dead agent gone",
+        || state(1, stored),
+        |s| s.0.summary == "1/1",
+    )
     .await;
     assert_no_leak("agent logs", &(a.logs() + &b.logs()), &tokens);
 }

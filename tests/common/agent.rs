@@ -227,6 +227,28 @@ where
     super::harness::poll_until(what, Duration::from_millis(20), check).await
 }
 
+/// Looks every 20 ms until `done` holds for what `look` saw, for at most
+/// [`super::harness::PATIENCE`]; a timeout shows the last thing seen.
+pub async fn eventually_seen<T, F, Fut>(what: &str, mut look: F, done: impl Fn(&T) -> bool) -> T
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = Instant::now() + super::harness::PATIENCE;
+    loop {
+        let seen = look().await;
+        if done(&seen) {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; last seen: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Polls `check` every 20 ms until it holds or `within` passes; whether it held.
 pub async fn wait_until<F, Fut>(within: Duration, mut check: F) -> bool
 where

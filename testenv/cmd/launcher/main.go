@@ -31,7 +31,10 @@ const (
 	// real cluster and cost little.
 	controllers = "garbage-collector-controller,namespace-controller,serviceaccount-controller," +
 		"serviceaccount-token-controller,root-ca-certificate-publisher-controller"
-	stopGrace = 10 * time.Second
+	// With a node, pods run: Deployments, ReplicaSets, EndpointSlices, disruption
+	// budgets and the rest behave as on a cluster.
+	nodeControllers = "*"
+	stopGrace       = 10 * time.Second
 	// A command that ignores SIGTERM gets this long before SIGKILL.
 	commandGrace = 20 * time.Second
 	exitSetup    = 125
@@ -56,11 +59,16 @@ type plane struct {
 	// stableKubeconfig, if set, is where the command's kubeconfig is written instead of
 	// the run's directory; it is removed when the run ends.
 	stableKubeconfig string
+	// node is set in node mode (node.go).
+	node    *node
+	apiPort int
 }
 
 func run() int {
 	bin := flag.String("bin", "", "directory holding etcd, kube-apiserver, kube-controller-manager and their versions file")
 	kubeconfig := flag.String("kubeconfig", "", "where to write the command's admin kubeconfig (default: in the run's directory); removed at exit")
+	cgroupRoot := flag.String("node-cgroup-root", "", "node mode: the kubelet's cgroup root, present in every cgroup v1 hierarchy")
+	images := flag.String("node-images", "", "node mode: directory holding pause.tar, the sandbox image")
 	flag.Parse()
 	command := flag.Args()
 	if *bin == "" || len(command) == 0 {
@@ -85,6 +93,9 @@ func run() int {
 	}()
 
 	p := &plane{bin: *bin, stableKubeconfig: *kubeconfig}
+	if *cgroupRoot != "" {
+		p.node = &node{cgroupRoot: *cgroupRoot, images: *images}
+	}
 	defer p.removeStableKubeconfig()
 	keep := os.Getenv("SCG_TESTENV_KEEP") != ""
 	started := time.Now()
@@ -142,6 +153,9 @@ func (p *plane) removeDir() {
 	if p.dir == "" {
 		return
 	}
+	if p.node != nil {
+		unmountUnder(p.dir)
+	}
 	if err := os.RemoveAll(p.dir); err != nil {
 		logf("could not remove %s: %v", p.dir, err)
 	}
@@ -189,6 +203,11 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 
+	if p.node != nil {
+		if err := p.node.isolate(); err != nil {
+			return err
+		}
+	}
 	removeStaleDirs()
 	var err error
 	if p.dir, err = os.MkdirTemp("", dirPrefix); err != nil {
@@ -200,7 +219,11 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	if p.versions, err = readVersions(filepath.Join(p.bin, "versions")); err != nil {
 		return err
 	}
-	if p.pki, err = newPKI(p.dir); err != nil {
+	var extraHosts []string
+	if p.node != nil {
+		extraHosts = append(extraHosts, nodeIP)
+	}
+	if p.pki, err = newPKI(p.dir, extraHosts...); err != nil {
 		return fmt.Errorf("certificates: %w", err)
 	}
 	ports, err := freePorts(4)
@@ -208,6 +231,7 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 		return err
 	}
 	etcdPort, peerPort, apiPort, kcmPort := ports[0], ports[1], ports[2], ports[3]
+	p.apiPort = apiPort
 	apiURL := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
 	p.kubeconfig = filepath.Join(p.dir, "admin.kubeconfig")
 	if err := writeKubeconfig(p.kubeconfig, apiURL, p.pki.servingCA.certPEM(), "scg-testenv-admin", p.pki.admin); err != nil {
@@ -227,7 +251,13 @@ func (p *plane) start(ctx context.Context, timeout time.Duration) error {
 	if err := p.startAPIServer(ctx, apiURL, apiPort, etcdURL); err != nil {
 		return err
 	}
-	return p.startControllerManager(ctx, apiURL, kcmPort)
+	if err := p.startControllerManager(ctx, apiURL, kcmPort); err != nil {
+		return err
+	}
+	if p.node != nil {
+		return p.startNode(ctx, apiURL)
+	}
+	return nil
 }
 
 func (p *plane) startEtcd(ctx context.Context, port, peerPort int) (string, error) {
@@ -258,23 +288,27 @@ func (p *plane) startEtcd(ctx context.Context, port, peerPort int) (string, erro
 
 func (p *plane) startAPIServer(ctx context.Context, apiURL string, port int, etcdURL string) error {
 	k := p.pki
-	s, err := startServer("kube-apiserver", filepath.Join(p.bin, "kube-apiserver"), []string{
-		"--etcd-servers=" + etcdURL,
-		"--bind-address=127.0.0.1",
-		"--advertise-address=127.0.0.1",
-		"--secure-port=" + strconv.Itoa(port),
-		"--cert-dir=" + filepath.Join(p.dir, "apiserver-certs"),
-		"--tls-cert-file=" + k.servingCert,
-		"--tls-private-key-file=" + k.servingKey,
-		"--client-ca-file=" + k.clientCAFile,
-		"--authorization-mode=RBAC",
-		"--service-cluster-ip-range=" + serviceCIDR,
-		"--service-account-issuer=" + apiURL,
-		"--service-account-key-file=" + k.saPublicKey,
-		"--service-account-signing-key-file=" + k.saPrivateKey,
+	where := []string{"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", "--authorization-mode=RBAC"}
+	if p.node != nil {
+		var err error
+		if where, err = p.nodeAPIServerArgs(); err != nil {
+			return err
+		}
+	}
+	s, err := startServer("kube-apiserver", filepath.Join(p.bin, "kube-apiserver"), append(where,
+		"--etcd-servers="+etcdURL,
+		"--secure-port="+strconv.Itoa(port),
+		"--cert-dir="+filepath.Join(p.dir, "apiserver-certs"),
+		"--tls-cert-file="+k.servingCert,
+		"--tls-private-key-file="+k.servingKey,
+		"--client-ca-file="+k.clientCAFile,
+		"--service-cluster-ip-range="+serviceCIDR,
+		"--service-account-issuer="+apiURL,
+		"--service-account-key-file="+k.saPublicKey,
+		"--service-account-signing-key-file="+k.saPrivateKey,
 		"--allow-privileged=true",
 		"--profiling=false",
-	}, filepath.Join(p.dir, "kube-apiserver.log"))
+	), filepath.Join(p.dir, "kube-apiserver.log"))
 	if err != nil {
 		return err
 	}
@@ -306,7 +340,11 @@ func (p *plane) startControllerManager(ctx context.Context, apiURL string, port 
 		"--tls-private-key-file=" + k.servingKey,
 		"--cert-dir=" + filepath.Join(p.dir, "kcm-certs"),
 		"--leader-elect=false",
-		"--controllers=" + controllers,
+		"--controllers=" + p.controllers(),
+		// Signs what asks for it (the csrsigning controller of node mode) with the
+		// client CA.
+		"--cluster-signing-cert-file=" + k.clientCAFile,
+		"--cluster-signing-key-file=" + k.clientCAKey,
 		// Each controller acts as its own service account, under the bootstrap RBAC
 		// roles, as in a real cluster.
 		"--use-service-account-credentials=true",
@@ -326,8 +364,15 @@ func (p *plane) startControllerManager(ctx context.Context, apiURL string, port 
 	if err := waitHealthy(ctx, s, client, kcmURL+"/healthz", "ok"); err != nil {
 		return err
 	}
-	logf("kube-controller-manager %s at %s (controllers: %s)", p.versions["kubernetes"], kcmURL, controllers)
+	logf("kube-controller-manager %s at %s (controllers: %s)", p.versions["kubernetes"], kcmURL, p.controllers())
 	return nil
+}
+
+func (p *plane) controllers() string {
+	if p.node != nil {
+		return nodeControllers
+	}
+	return controllers
 }
 
 // stop takes the servers down in reverse order of start, so the API server never
@@ -446,6 +491,9 @@ func (p *plane) runCommand(command []string, signals <-chan os.Signal) int {
 		// or difference shows in what the command checks.
 		"PATH="+filepath.Join(p.bin, "path")+string(os.PathListSeparator)+os.Getenv("PATH"),
 	)
+	if p.node != nil {
+		cmd.Env = append(cmd.Env, p.node.env(p.apiPort)...)
+	}
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
 		logf("cannot run %s: %v", command[0], err)

@@ -145,6 +145,7 @@ type pki struct {
 	kcm           *keyPair
 	servingCAFile string
 	clientCAFile  string
+	clientCAKey   string
 	servingCert   string
 	servingKey    string
 	saPublicKey   string
@@ -153,7 +154,10 @@ type pki struct {
 
 // newPKI follows envtest's layout: one CA for serving certificates, another whose
 // client certificates the API server trusts, and a separate service-account signing key.
-func newPKI(dir string) (*pki, error) {
+//
+// extraHosts are more names for the API server's serving certificate: the node's address
+// in node mode, where pods reach the API server there.
+func newPKI(dir string, extraHosts ...string) (*pki, error) {
 	p := &pki{}
 	var err error
 	if p.servingCA, err = newCA("scg-testenv-serving-ca"); err != nil {
@@ -163,10 +167,10 @@ func newPKI(dir string) (*pki, error) {
 		return nil, err
 	}
 	// The in-cluster names let a client that resolves kubernetes.default.svc verify too.
-	serving, err := p.servingCA.issue("127.0.0.1", nil, []string{
+	serving, err := p.servingCA.issue("127.0.0.1", nil, append([]string{
 		"127.0.0.1", "localhost", serviceIP,
 		"kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
-	})
+	}, extraHosts...))
 	if err != nil {
 		return nil, err
 	}
@@ -179,7 +183,7 @@ func newPKI(dir string) (*pki, error) {
 	if p.servingCAFile, _, err = p.servingCA.write(dir, "serving-ca"); err != nil {
 		return nil, err
 	}
-	if p.clientCAFile, _, err = p.clientCA.write(dir, "client-ca"); err != nil {
+	if p.clientCAFile, p.clientCAKey, err = p.clientCA.write(dir, "client-ca"); err != nil {
 		return nil, err
 	}
 	if p.servingCert, p.servingKey, err = serving.write(dir, "serving"); err != nil {

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{BuildHasher, Hasher, RandomState};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -60,7 +60,10 @@ pub const PROTECTED_PATH: &str = "/scg-external-api/api/v1/messaging/message_req
 /// Settings fixed at start.
 #[derive(Debug, Clone)]
 pub struct SimConfig {
-    /// Port to bind on 127.0.0.1; 0 picks a free one.
+    /// Address to bind: 127.0.0.1 by default; the node tests bind the node's address,
+    /// which pods reach (the TLS certificate then names it too).
+    pub host: IpAddr,
+    /// Port to bind on `host`; 0 picks a free one.
     pub port: u16,
     /// Upper bound of the returned `validityTime` (whole seconds, at least 1). Tests set a
     /// few seconds so that tokens are short-lived although clients ask for more.
@@ -79,6 +82,7 @@ pub struct SimConfig {
 impl Default for SimConfig {
     fn default() -> Self {
         Self {
+            host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             port: 0,
             validity_cap: Duration::from_secs(24 * 3600),
             grace: Duration::ZERO,
@@ -252,6 +256,10 @@ struct SimState {
     log: Vec<RefreshCall>,
     revoked_uses: Vec<RevokedUse>,
     faults: Faults,
+    /// Refresh calls being handled now, per consumer key, and the most ever seen for
+    /// one key: a single-flight check (one chain, one call at a time).
+    in_flight: HashMap<String, usize>,
+    max_in_flight: usize,
 }
 
 impl SimState {
@@ -331,11 +339,15 @@ impl ScgSimulator {
     /// Binds `127.0.0.1:<config.port>` and starts serving.
     pub async fn start(config: SimConfig) -> std::io::Result<Self> {
         let ca = if config.tls {
-            Some(TestCa::generate().map_err(std::io::Error::other)?)
+            let extra = match config.host {
+                IpAddr::V4(ip) if ip.is_loopback() => vec![],
+                host => vec![host.to_string()],
+            };
+            Some(TestCa::generate_for(&extra).map_err(std::io::Error::other)?)
         } else {
             None
         };
-        let listener = TcpListener::bind(("127.0.0.1", config.port)).await?;
+        let listener = TcpListener::bind((config.host, config.port)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             config,
@@ -467,6 +479,12 @@ impl ScgSimulator {
         self.shared.lock().revoked_uses.clone()
     }
 
+    /// The most refresh calls ever handled at once for one consumer key (one chain).
+    /// The operator's single-flight rule keeps it at 1.
+    pub fn max_concurrent_refreshes(&self) -> usize {
+        self.shared.lock().max_in_flight
+    }
+
     /// Number of refresh calls received, whatever their outcome (faults included).
     pub fn refresh_calls(&self) -> usize {
         self.shared.counts.borrow().calls
@@ -591,7 +609,9 @@ async fn refresh(
     };
     // Handled in its own task so that a delayed refresh completes even if the client
     // disconnects meanwhile (the server side of a client timeout).
+    let key = call.consumer_key.clone().unwrap_or_default();
     let task = tokio::spawn(async move {
+        let _flight = InFlight::enter(&shared, key);
         if let Some(d) = delay {
             tokio::time::sleep(d).await;
         }
@@ -603,6 +623,39 @@ async fn refresh(
     match task.await {
         Ok(resp) => resp,
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// One refresh call in flight for a consumer key, counted while it lives.
+struct InFlight {
+    shared: Arc<Shared>,
+    key: String,
+}
+
+impl InFlight {
+    fn enter(shared: &Arc<Shared>, key: String) -> Self {
+        let mut st = shared.lock();
+        let n = st.in_flight.entry(key.clone()).or_default();
+        *n += 1;
+        let n = *n;
+        st.max_in_flight = st.max_in_flight.max(n);
+        drop(st);
+        Self {
+            shared: shared.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        if let Some(n) = st.in_flight.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                st.in_flight.remove(&self.key);
+            }
+        }
     }
 }
 

@@ -44,6 +44,12 @@ impl TestCa {
     /// Generates a fresh CA (a new key every time, so two instances never trust each
     /// other's certificates) and a server certificate for [`SERVER_NAMES`].
     pub fn generate() -> Result<Self, TlsSetupError> {
+        Self::generate_for(&[])
+    }
+
+    /// As [`TestCa::generate`], the server certificate also naming `extra` (IP
+    /// addresses or DNS names), e.g. the address pods reach the simulator at.
+    pub fn generate_for(extra: &[String]) -> Result<Self, TlsSetupError> {
         let ca_key = KeyPair::generate()?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
         let mut ca_name = DistinguishedName::new();
@@ -67,7 +73,12 @@ impl TestCa {
         let issuer = Issuer::new(ca_params, ca_key);
 
         let server_key = KeyPair::generate()?;
-        let mut server_params = CertificateParams::new(SERVER_NAMES.map(String::from).to_vec())?;
+        let names: Vec<String> = SERVER_NAMES
+            .iter()
+            .map(|n| n.to_string())
+            .chain(extra.iter().cloned())
+            .collect();
+        let mut server_params = CertificateParams::new(names)?;
         let mut server_name = DistinguishedName::new();
         server_name.push(DnType::CommonName, "scg-simulator");
         server_params.distinguished_name = server_name;

@@ -195,7 +195,7 @@ pub enum ClientError {
 }
 
 /// Reads a PEM file of one or more CA certificates.
-fn read_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+pub(crate) fn read_ca_bundle(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
     let fail = |problem: String| ClientError::CaBundle {
         path: path.display().to_string(),
         problem,

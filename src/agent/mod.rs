@@ -118,6 +118,11 @@ pub struct Args {
     /// clear text).
     #[arg(long)]
     pub allow_insecure_upstream: bool,
+    /// Proxy mode: PEM file of CA certificates trusted for the upstream, in addition to
+    /// the platform's roots (a private CA, or an egress proxy that inspects TLS); the
+    /// operator's flag of the same name.
+    #[arg(long, env = "SCG_CA_BUNDLE", value_name = "FILE")]
+    pub ca_bundle: Option<std::path::PathBuf>,
     /// How long a request answered 401 waits for a newer token before the 401 is passed
     /// on, in milliseconds.
     #[arg(long, default_value_t = 2000)]

@@ -82,10 +82,17 @@ impl Config {
             ));
         }
         let timeout = Duration::from_secs(args.upstream_timeout_seconds.max(1));
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5).min(timeout))
-            .timeout(timeout)
+            .timeout(timeout);
+        if let Some(path) = &args.ca_bundle {
+            let certs = crate::scg::read_ca_bundle(path)
+                .map_err(|e| AgentError::Config(format!("--ca-bundle: {e}")))?;
+            // Merged: the platform's roots stay trusted.
+            builder = builder.tls_certs_merge(certs);
+        }
+        let client = builder
             .build()
             .map_err(|_| AgentError::Config("the HTTP client could not be built".into()))?;
         Ok(Config {

@@ -21,8 +21,8 @@ use std::{
 };
 
 use common::node::{
-    Lane, OPERATOR_NS, audited, container_pid, kubectl, kubectl_input, kubectl_try, proc_status,
-    rollout, root_mount_options, until,
+    Lane, OPERATOR_NS, container_pid, kubectl, kubectl_input, kubectl_try, proc_status, rollout,
+    root_mount_options, until,
 };
 use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod, policy::v1::PodDisruptionBudget};
@@ -196,7 +196,7 @@ fn holder(lease: &Lease) -> Option<String> {
 
 /// Every request the operator's ServiceAccount made was allowed by the RBAC as shipped.
 fn assert_no_refusal(lane: &Lane, user_prefix: &str) {
-    let seen = audited(&lane.audit_log, user_prefix);
+    let seen = lane.audited(user_prefix);
     let refused: Vec<_> = seen.iter().filter(|a| a.code == 403).collect();
     println!(
         "audit: {} requests by {user_prefix}*, {} refused",
@@ -410,29 +410,29 @@ async fn a_verb_missing_from_the_role_shows_as_refusals_in_the_audit_log() {
         .get("scg-token-operator")
         .await
         .expect("the ClusterRole");
-    let rule = role
-        .rules
-        .iter_mut()
-        .flatten()
-        .find(|r| {
-            r.resources
-                .iter()
-                .flatten()
-                .any(|res| res == "scgtokens/status")
-        })
-        .expect("a rule for scgtokens/status");
-    rule.verbs.retain(|v| v != "patch");
+    let rules = role.rules.as_mut().expect("rules");
+    let count = rules.len();
+    // The rule's one verb is `patch`, and a rule cannot be left with none.
+    rules.retain(|r| {
+        !r.resources
+            .iter()
+            .flatten()
+            .any(|res| res == "scgtokens/status")
+    });
+    assert_eq!(rules.len(), count - 1, "one rule for scgtokens/status");
     roles
         .replace("scg-token-operator", &Default::default(), &role)
         .await
         .expect("take patch away");
-    let before = audited(&lane.audit_log, OPERATOR_SA)
+    let before = lane
+        .audited(OPERATOR_SA)
         .iter()
         .filter(|a| a.code == 403)
         .count();
     create_scgtoken(&sim, TENANT_NS, "messaging");
     let refused = until("a refusal in the audit log", PATIENCE, || async {
-        let refused: Vec<_> = audited(&lane.audit_log, OPERATOR_SA)
+        let refused: Vec<_> = lane
+            .audited(OPERATOR_SA)
             .into_iter()
             .filter(|a| a.code == 403)
             .collect();
@@ -502,12 +502,19 @@ async fn kustomize_namespaced_overlay_stays_in_its_namespace() {
 /// extraEnv and extraVolumes values. Uninstalled (and its CRD removed) on drop.
 struct HelmInstall {
     helm: String,
+    watched: String,
 }
 
 impl HelmInstall {
     fn install(lane: &Lane, sim: &ScgSimulator, watched: &str) -> HelmInstall {
-        let helm = common::node::helm();
+        // The guard first: a failed install is removed too.
+        let guard = HelmInstall {
+            helm: common::node::helm(),
+            watched: watched.to_string(),
+        };
         let ca = lane.dir("helm", &[("ca.crt", sim.ca_pem().expect("TLS simulator"))]);
+        // Namespaced mode grants a Role in the watched namespace, which must exist.
+        kubectl(&["create", "namespace", watched]);
         kubectl(&["create", "namespace", OPERATOR_NS]);
         let from_file = format!("--from-file=ca.crt={}", ca.join("ca.crt").display());
         kubectl(&[
@@ -529,7 +536,7 @@ extraVolumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: 
         std::fs::write(&values_file, values).expect("values");
         let chart = lane.root.join("charts/scg-token-operator");
         let (ok, out, err) = common::node::run_try(
-            &helm,
+            &guard.helm,
             &[
                 "install",
                 "scg-token-operator",
@@ -546,7 +553,7 @@ extraVolumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: 
         );
         assert!(ok, "helm install failed:\n{out}\n{err}");
         rollout(OPERATOR_NS, "scg-token-operator");
-        HelmInstall { helm }
+        guard
     }
 }
 
@@ -568,6 +575,7 @@ impl Drop for HelmInstall {
                 "delete",
                 "namespace",
                 OPERATOR_NS,
+                &self.watched,
                 "--ignore-not-found",
                 "--wait=true",
             ],

@@ -30,6 +30,9 @@ pub struct Lane {
     pub root: PathBuf,
     /// A scratch directory of this test binary, removed on drop.
     pub scratch: PathBuf,
+    /// Lines of the audit log written before this test: another test's install (and its
+    /// teardown, when RBAC goes before the pods) is not this test's to count.
+    audit_from: usize,
 }
 
 fn required(name: &str) -> String {
@@ -53,10 +56,13 @@ impl Lane {
             .join("target/node-lane")
             .join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&scratch).expect("scratch directory");
+        let audit_log = PathBuf::from(required("SCG_TESTENV_AUDIT_LOG"));
+        let audit_from = std::fs::read_to_string(&audit_log).map_or(0, |t| t.lines().count());
         Lane {
             client,
             node_ip,
-            audit_log: PathBuf::from(required("SCG_TESTENV_AUDIT_LOG")),
+            audit_log,
+            audit_from,
             kubeconfig,
             root,
             scratch,
@@ -74,6 +80,12 @@ impl Lane {
         })
         .await
         .expect("start the simulator on the node's address")
+    }
+
+    /// The requests audited since this test began, of users whose name starts with
+    /// `user_prefix`.
+    pub fn audited(&self, user_prefix: &str) -> Vec<Audited> {
+        audited(&self.audit_log, user_prefix, self.audit_from)
     }
 
     /// Writes `files` into a new directory of the scratch space and returns its path.
@@ -208,10 +220,11 @@ pub struct Audited {
 }
 
 /// The audited requests (stage ResponseComplete) of users whose name starts with
-/// `user_prefix`.
-pub fn audited(audit_log: &Path, user_prefix: &str) -> Vec<Audited> {
+/// `user_prefix`, from line `from` of the log on.
+pub fn audited(audit_log: &Path, user_prefix: &str, from: usize) -> Vec<Audited> {
     let text = std::fs::read_to_string(audit_log).expect("read the audit log");
     text.lines()
+        .skip(from)
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|e| e["stage"] == "ResponseComplete")
         .filter_map(|e| {

@@ -94,8 +94,9 @@ pub struct ElectionConfig {
 }
 
 /// Starts the election. Returns the [`Leadership`] handle and a task that keeps the
-/// Lease renewed until `shutdown` resolves, then releases it (so a standby takes over at
-/// once rather than after the Lease expires).
+/// Lease renewed until `shutdown` resolves, then releases it. A standby notices the
+/// release when it looks again, at the expiry of the Lease as it last saw it (it does not
+/// watch the Lease), or a new replica takes it at its first look.
 pub async fn elect(
     client: kube::Client,
     config: ElectionConfig,

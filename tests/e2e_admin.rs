@@ -445,3 +445,108 @@ async fn sigterm_during_a_refresh_stores_its_token_and_releases_the_lease() {
     );
     env.finish().await;
 }
+
+// ---------------------------------------------------------------------------------------
+// JSON logs
+// ---------------------------------------------------------------------------------------
+
+/// Parses one JSON value and refuses an object that names a key twice: serde_json, like
+/// many log processors, would keep one of the two silently.
+struct UniqueKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueKeys {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(UniqueKeys)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!("key {key:?} twice")));
+            }
+            map.next_value_seed(UniqueKeys)?;
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn the_duplicate_key_check_can_fail() {
+    let parse = |s: &str| {
+        serde::de::DeserializeSeed::deserialize(
+            UniqueKeys,
+            &mut serde_json::Deserializer::from_str(s),
+        )
+    };
+    assert!(parse(r#"{"a":1,"b":{"c":[1,{"d":2}]}}"#).is_ok());
+    assert!(parse(r#"{"fields":{"message":"warning","message":"x"}}"#).is_err());
+}
+
+/// Every line of the operator's JSON log is one object with each key once, a Warning
+/// (logged with its Event's note) included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_name_each_key_once() {
+    let env = Env::start(SimConfig::default()).await;
+    env.credentials("creds", CONSUMER_KEY).await;
+    env.put_credentials("bad-creds", UNKNOWN_CONSUMER, UNKNOWN_SEED)
+        .await;
+    env.scgtoken("good", "creds", |_| {}).await;
+    env.scgtoken("broken", "bad-creds", |_| {}).await;
+    let mut op = env.operator(&["--log-format=json"]);
+    env.eventually("broken: Ready=False Rejected, good: Ready", || async {
+        let broken = env
+            .ready("broken")
+            .await
+            .filter(|(s, r)| s == "False" && r == "Rejected");
+        let good = env.ready("good").await.filter(|(s, _)| s == "True");
+        broken.and(good)
+    })
+    .await;
+    op.terminate(PATIENCE)
+        .await
+        .expect("the operator exits on SIGTERM");
+    let logs = op.logs();
+    let mut warnings = 0;
+    for line in logs.lines().filter(|l| !l.trim().is_empty()) {
+        let mut de = serde_json::Deserializer::from_str(line);
+        if let Err(e) = serde::de::DeserializeSeed::deserialize(UniqueKeys, &mut de) {
+            panic!("log line with {e}: {line}");
+        }
+        warnings += usize::from(line.contains("\"WARN\"") && line.contains("Rejected"));
+    }
+    assert!(
+        warnings > 0,
+        "no Warning logged for the rejected token:\n{logs}"
+    );
+    env.finish().await;
+}

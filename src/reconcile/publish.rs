@@ -127,8 +127,10 @@ impl Pass<'_> {
             // A Warning marks a turn for the worse: the log says so too, once, in the
             // same words (they name Secrets and keys, never values).
             if event.type_ == EventType::Warning {
-                let message = event.note.as_deref().unwrap_or_default();
-                warn!(reason = %event.reason, message, "warning");
+                // `note`, as the Event calls it: a field named `message` would be the
+                // log line's own key a second time.
+                let note = event.note.as_deref().unwrap_or_default();
+                warn!(reason = %event.reason, note, "warning");
             }
             if let Err(e) = self.ctx.events.publish(&event, &reference).await {
                 warn!(error = %e, reason = %event.reason, "could not publish an Event");

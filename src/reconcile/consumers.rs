@@ -262,12 +262,15 @@ impl Pass<'_> {
             Some(s) => self.ctx.metrics.consumers.observe(ns, name, s),
             None => self.ctx.metrics.consumers.forget(ns, name),
         }
-        for e in &settled.events {
+        // A Warning is logged where every Warning Event is published (publish.rs), once;
+        // the turn back to normal only here.
+        for e in settled
+            .events
+            .iter()
+            .filter(|e| e.type_ == EventType::Normal)
+        {
             let note = e.note.as_deref().unwrap_or_default();
-            match e.type_ {
-                EventType::Warning => warn!(reason = %e.reason, "{note}"),
-                EventType::Normal => info!(reason = %e.reason, "{note}"),
-            }
+            info!(reason = %e.reason, "{note}");
         }
         settled.events.extend(acted.events);
         settled.wake = earliest(settled.wake, acted.wake);

@@ -202,8 +202,8 @@ async fn run_agent(args: agent::Args) -> Result<(), String> {
         .map_err(|e| format!("no Kubernetes configuration: {e}"))?;
     // The watcher backs off on its own; a report that hangs in retries is only late.
     kube_config.default_retry = false;
-    let client =
-        kube::Client::try_from(kube_config).map_err(|e| format!("Kubernetes client: {e}"))?;
+    let client = kube::Client::try_from(kube_config)
+        .map_err(|e| format!("Kubernetes client: {}", kube_client_error(e)))?;
     agent::run(client, args, shutdown_signal())
         .await
         .map_err(|e| e.to_string())

@@ -128,15 +128,26 @@ pub struct Args {
     #[arg(long, default_value_t = 2000)]
     pub retry_wait_ms: u64,
     /// Request bodies up to this size are buffered so that a 401 can be retried; larger
-    /// ones are streamed and not retried.
+    /// ones are not retried (one of declared length streams through).
     #[arg(long, default_value_t = 65536)]
     pub retry_buffer_bytes: usize,
-    /// Largest request or response body passed through, in bytes.
+    /// Largest request or response body passed through, in bytes. A chunked request
+    /// body (no Content-Length) is read whole before anything is sent, so one over this
+    /// limit gets 413 and nothing of it reaches the upstream; the chunked bodies held at
+    /// one time share four times this size, and one that would exceed that gets 503.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Time limit of one upstream request, bodies included, in seconds.
+    /// Time limit of one upstream request, bodies included, in seconds; also how long a
+    /// request body read before sending (a chunked one, or one within the retry buffer)
+    /// may take to arrive (else 408).
     #[arg(long, default_value_t = 60)]
     pub upstream_timeout_seconds: u64,
+    /// Most client connections the proxy holds at once, idle keep-alive ones included
+    /// (an idle one is closed after 10 s without a request). Connections beyond it are
+    /// not refused: they wait in the listen queue, unaccepted and unread, until a held
+    /// one closes.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 
     /// Address of the admin server (/healthz, /readyz, /metrics).
     #[arg(long, env = "SCG_AGENT_ADMIN_ADDR", default_value = "0.0.0.0:8081")]

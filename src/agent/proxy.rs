@@ -8,22 +8,35 @@
 //! and the new one is on its way to the pod. Request bodies up to `--retry-buffer-bytes`
 //! are buffered for that; larger ones stream and are not retried.
 //!
-//! Bounded: body sizes, header sizes, the time to read request headers, the upstream
-//! call. Never follows redirects (3xx is passed on). Never logs headers, paths, query
-//! strings or bodies, and never prints an HTTP client error (they carry the URL).
+//! Bounded: the connections held at once (`--max-connections`; more wait in the listen
+//! queue), body sizes, header sizes, the time to read request headers (also of an idle
+//! connection) and bodies, the upstream call. A chunked request body is read whole
+//! before anything is sent, so that one over `--max-body-bytes` is refused (413) without
+//! reaching the upstream; the chunked bodies held at once share a budget of four times
+//! that size (beyond it: 503).
+//!
+//! Refused, never forwarded: `CONNECT` and `OPTIONS *` (405), and a path whose `..`
+//! segments (also percent-encoded) climb above the upstream's base path (400).
+//!
+//! Never follows redirects (3xx is passed on). Never logs headers, paths, query strings
+//! or bodies, and never prints an HTTP client error (they carry the URL).
 
 use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::{Bytes, BytesMut};
-use futures::StreamExt;
 use http::{
-    HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri,
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
     header::{AUTHORIZATION, CONNECTION, CONTENT_LENGTH, EXPECT, HOST},
 };
-use http_body_util::{BodyExt, BodyStream, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{task::JoinSet, time::Instant};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+    time::Instant,
+};
 use tracing::{debug, warn};
 
 use super::{AgentError, Args, ServedRx, Token, health::Metrics};
@@ -53,6 +66,9 @@ pub struct Config {
     retry_buffer: usize,
     max_body: usize,
     timeout: Duration,
+    max_connections: usize,
+    /// Bytes of chunked request bodies held whole at one time, all requests together.
+    body_budget: usize,
 }
 
 impl Config {
@@ -103,6 +119,11 @@ impl Config {
             retry_buffer: args.retry_buffer_bytes,
             max_body: args.max_body_bytes,
             timeout,
+            max_connections: args.max_connections as usize,
+            body_budget: args
+                .max_body_bytes
+                .saturating_mul(4)
+                .min(Semaphore::MAX_PERMITS),
         })
     }
 }
@@ -111,17 +132,23 @@ struct Shared {
     config: Config,
     served: ServedRx,
     metrics: Arc<Metrics>,
+    /// What is left of [`Config::body_budget`], in bytes.
+    budget: Arc<Semaphore>,
 }
 
 /// Serves until `shutdown` resolves, then lets requests in flight finish (up to 5 s).
+/// Holds at most `--max-connections` connections: the next one is accepted when one of
+/// them closes, and until then waits, unread, in the listen queue.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
     config: Config,
     served: ServedRx,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
+    let permits = Arc::new(Semaphore::new(config.max_connections));
     let shared = Arc::new(Shared {
+        budget: Arc::new(Semaphore::new(config.body_budget)),
         config,
         served,
         metrics,
@@ -130,13 +157,14 @@ pub async fn serve(
     futures::pin_mut!(shutdown);
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
+            accepted = accept(&listener, &permits) => {
+                let Some((stream, permit)) = accepted else {
+                    // Out of file descriptors, say: let some connections close first.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                conns.spawn(connection(stream, shared.clone()));
+                conns.spawn(connection(stream, shared.clone(), permit));
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             () = &mut shutdown => break,
@@ -148,7 +176,20 @@ pub async fn serve(
     conns.abort_all();
 }
 
-async fn connection(stream: tokio::net::TcpStream, shared: Arc<Shared>) {
+/// The next connection, once one of the `--max-connections` permits is free. Cancel-safe:
+/// a permit taken for an accept that does not happen goes back.
+async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+) -> Option<(TcpStream, OwnedSemaphorePermit)> {
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    let (stream, _) = listener.accept().await.ok()?;
+    Some((stream, permit))
+}
+
+/// Serves one connection; its permit is returned when it closes. The header read
+/// timeout also closes a connection that sits idle between requests.
+async fn connection(stream: TcpStream, shared: Arc<Shared>, _permit: OwnedSemaphorePermit) {
     let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(handle(&shared, req).await) }
@@ -173,6 +214,14 @@ enum Outcome {
     /// The upstream announced a body over the limit.
     ResponseTooLarge,
     BadRequest,
+    /// `CONNECT` or `OPTIONS *`: never forwarded.
+    MethodNotAllowed,
+    /// The path climbs above the upstream's base path: never forwarded.
+    BadPath,
+    /// The request body did not arrive within the time limit.
+    BodyTimeout,
+    /// The chunked bodies held at once would exceed their shared budget.
+    Busy,
     Timeout,
     UpstreamError,
 }
@@ -186,6 +235,10 @@ impl Outcome {
             Outcome::TooLarge => "too_large",
             Outcome::ResponseTooLarge => "response_too_large",
             Outcome::BadRequest => "bad_request",
+            Outcome::MethodNotAllowed => "method_not_allowed",
+            Outcome::BadPath => "bad_path",
+            Outcome::BodyTimeout => "body_timeout",
+            Outcome::Busy => "busy",
             Outcome::Timeout => "timeout",
             Outcome::UpstreamError => "upstream_error",
         }
@@ -193,9 +246,11 @@ impl Outcome {
 
     fn status(self) -> StatusCode {
         match self {
-            Outcome::NoToken => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::NoToken | Outcome::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Outcome::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Outcome::BadRequest => StatusCode::BAD_REQUEST,
+            Outcome::BadRequest | Outcome::BadPath => StatusCode::BAD_REQUEST,
+            Outcome::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Outcome::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Outcome::Timeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
@@ -207,6 +262,14 @@ impl Outcome {
             Outcome::TooLarge => "scg-token-agent: body too large\n",
             Outcome::ResponseTooLarge => "scg-token-agent: the upstream's answer is too large\n",
             Outcome::BadRequest => "scg-token-agent: the request body could not be read\n",
+            Outcome::MethodNotAllowed => {
+                "scg-token-agent: CONNECT and OPTIONS * are not forwarded\n"
+            }
+            Outcome::BadPath => "scg-token-agent: the path leaves the upstream's base path\n",
+            Outcome::BodyTimeout => "scg-token-agent: the request body did not arrive in time\n",
+            Outcome::Busy => {
+                "scg-token-agent: too many large chunked bodies at once; try again later\n"
+            }
             Outcome::Timeout => "scg-token-agent: the upstream did not answer in time\n",
             _ => "scg-token-agent: the upstream could not be reached\n",
         }
@@ -295,8 +358,9 @@ async fn forward(
     shared: &Shared,
     req: Request<Incoming>,
 ) -> Result<(Response<Body>, Outcome), Outcome> {
-    let token = current_token(shared).await.ok_or(Outcome::NoToken)?;
     let (parts, body) = req.into_parts();
+    refuse(&parts)?;
+    let token = current_token(shared).await.ok_or(Outcome::NoToken)?;
     let max = shared.config.max_body;
     let declared = parts
         .headers
@@ -305,24 +369,26 @@ async fn forward(
     if declared.is_some_and(|n| n > max) {
         return Err(Outcome::TooLarge);
     }
-    let prepared = tokio::time::timeout(
-        shared.config.timeout,
-        prepare(body, declared, shared.config.retry_buffer, max),
-    )
-    .await
-    .map_err(|_| Outcome::Timeout)??;
+    let prepared = tokio::time::timeout(shared.config.timeout, prepare(body, declared, shared))
+        .await
+        .map_err(|_| Outcome::BodyTimeout)??;
     let mut out = Outgoing {
         url: target(&shared.config.upstream, &parts.uri),
         headers: forwarded_headers(&parts.headers),
         method: parts.method,
     };
-    let (first, replay) = match prepared {
+    // Holds the budget of a whole chunked body until the upstream has answered.
+    let (first, replay, _held) = match prepared {
+        // The client computes the length from the buffered body.
         Prepared::Buffered(bytes) => {
-            // The client computes it from the buffered body.
             out.headers.remove(CONTENT_LENGTH);
-            (reqwest::Body::from(bytes.clone()), Some(bytes))
+            (reqwest::Body::from(bytes.clone()), Some(bytes), None)
         }
-        Prepared::Streaming(body) => (body, None),
+        Prepared::Whole(bytes, held) => {
+            out.headers.remove(CONTENT_LENGTH);
+            (reqwest::Body::from(bytes), None, held)
+        }
+        Prepared::Streaming(body) => (body, None, None),
     };
     let mut resp = out.send(shared, &token, first).await.map_err(classify)?;
     if resp.status() == StatusCode::UNAUTHORIZED {
@@ -337,6 +403,80 @@ async fn forward(
         Outcome::Ok
     };
     Ok((response(resp, max), outcome))
+}
+
+/// Requests that are never forwarded: `CONNECT` and `OPTIONS *` (a proxy's and a
+/// server's own business, not the API's), and paths that leave the upstream's base path.
+fn refuse(parts: &http::request::Parts) -> Result<(), Outcome> {
+    let path = parts.uri.path();
+    if parts.method == Method::CONNECT || (parts.method == Method::OPTIONS && path == "*") {
+        return Err(Outcome::MethodNotAllowed);
+    }
+    if !stays_inside(path) {
+        return Err(Outcome::BadPath);
+    }
+    Ok(())
+}
+
+/// Whether `path` (as sent) starts with `/` and never climbs above that start through
+/// its `..` segments. Checked as sent and after each of up to three rounds of
+/// percent-decoding (`%2e%2e` in any case, `%252e`), with `\` and a decoded `%2f` as
+/// separators too and `;params` ignored (`..;`): whatever an upstream makes of it, it
+/// cannot resolve above the base path. A path still encoded after that is refused.
+fn stays_inside(path: &str) -> bool {
+    if !path.starts_with('/') {
+        return false;
+    }
+    let mut current = path.as_bytes().to_vec();
+    for _ in 0..=3 {
+        if climbs_out(&current) {
+            return false;
+        }
+        let decoded = percent_decode(&current);
+        if decoded == current {
+            return true;
+        }
+        current = decoded;
+    }
+    false
+}
+
+/// Whether the `..` segments of `path` climb above its start. Empty and `.` segments do
+/// not count as a level, so this errs on the side of climbing.
+fn climbs_out(path: &[u8]) -> bool {
+    let mut depth = 0usize;
+    for segment in path.split(|b| *b == b'/' || *b == b'\\') {
+        let name = segment.split(|b| *b == b';').next().unwrap_or_default();
+        match name {
+            b"" | b"." => {}
+            b".." if depth == 0 => return true,
+            b".." => depth -= 1,
+            _ => depth += 1,
+        }
+    }
+    false
+}
+
+/// `bytes` with each `%XX` (two hex digits) replaced by the byte it stands for.
+fn percent_decode(bytes: &[u8]) -> Vec<u8> {
+    let hex = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let (Some(hi), Some(lo)) = (
+                bytes.get(i + 1).and_then(|b| hex(*b)),
+                bytes.get(i + 2).and_then(|b| hex(*b)),
+            )
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    out
 }
 
 /// After a 401 with `sent`: the answer to the same request sent once more with a newer
@@ -433,44 +573,125 @@ fn response(resp: reqwest::Response, max_body: usize) -> Response<Body> {
 enum Prepared {
     /// Small enough to keep for a retry.
     Buffered(Bytes),
-    /// Streamed through; cannot be sent twice.
+    /// A chunked body larger than the retry buffer, read whole so that its size is known
+    /// before anything is sent; sent once, not retried. Its bytes beyond the retry buffer
+    /// hold the shared budget while the permit lives.
+    Whole(Bytes, Option<OwnedSemaphorePermit>),
+    /// A body of declared length larger than the retry buffer: streamed through, cannot
+    /// be sent twice.
     Streaming(reqwest::Body),
 }
 
-/// Buffers the body if it fits in `buffer` bytes, else streams it (what was read so far
-/// first), bounded to `max` bytes in all.
+/// A body of declared length over the retry buffer streams (hyper holds it to that
+/// length, checked against the limit before); any other is read whole, up to the limit.
 async fn prepare(
     mut body: Incoming,
     declared: Option<usize>,
-    buffer: usize,
-    max: usize,
+    shared: &Shared,
 ) -> Result<Prepared, Outcome> {
+    let (buffer, max) = (shared.config.retry_buffer, shared.config.max_body);
+    if declared.is_some_and(|n| n > buffer) {
+        let limited = Limited::new(body, max);
+        return Ok(Prepared::Streaming(reqwest::Body::wrap(limited)));
+    }
+    let (bytes, held) = read_whole(&mut body, buffer, max, &shared.budget).await?;
+    Ok(if bytes.len() <= buffer {
+        Prepared::Buffered(bytes)
+    } else {
+        Prepared::Whole(bytes, held)
+    })
+}
+
+/// Reads `body` whole, up to `max` bytes (else 413). The bytes past the first `free` are
+/// taken from `budget` as they arrive (else 503) and given back when the returned
+/// permit is dropped.
+async fn read_whole(
+    body: &mut Incoming,
+    free: usize,
+    max: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), Outcome> {
     let mut read = BytesMut::new();
-    if declared.is_none_or(|n| n <= buffer) {
-        loop {
-            match body.frame().await {
-                None => return Ok(Prepared::Buffered(read.freeze())),
-                Some(Err(_)) => return Err(Outcome::BadRequest),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        read.extend_from_slice(&data);
-                    }
-                    if read.len() > max {
-                        return Err(Outcome::TooLarge);
-                    }
-                    if read.len() > buffer {
-                        break;
-                    }
-                }
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    // Ends with the body: bounded by `max` bytes, and in time by the caller.
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| Outcome::BadRequest)?.into_data() else {
+            continue; // trailers
+        };
+        let total = read.len() + data.len();
+        if total > max {
+            return Err(Outcome::TooLarge);
+        }
+        let beyond = total.saturating_sub(free.max(read.len()));
+        if beyond > 0 {
+            let n = u32::try_from(beyond).map_err(|_| Outcome::Busy)?;
+            let permit = budget
+                .clone()
+                .try_acquire_many_owned(n)
+                .map_err(|_| Outcome::Busy)?;
+            match &mut held {
+                Some(h) => h.merge(permit),
+                None => held = Some(permit),
             }
         }
+        read.extend_from_slice(&data);
     }
-    let rest = max.saturating_sub(read.len());
-    let head = futures::stream::once(futures::future::ready(Ok::<_, BoxError>(Frame::data(
-        read.freeze(),
-    ))));
-    let tail = BodyStream::new(Limited::new(body, rest));
-    Ok(Prepared::Streaming(reqwest::Body::wrap(StreamBody::new(
-        head.chain(tail),
-    ))))
+    Ok((read.freeze(), held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_that_climb_above_their_start_are_caught_in_every_spelling() {
+        for path in [
+            "/..",
+            "/../other",
+            "/%2e%2e/x",
+            "/%2E%2e/x",
+            "/%2e%2E/x",
+            "/.%2e/x",
+            "/%2E./x",
+            "/a/%2e%2e/%2e%2e/x",
+            "/a/..%2f..%2fx",
+            "/a/..%2F..%2Fx",
+            "/a\\..\\..\\x",
+            "/a/b/../../../x",
+            "/..;/x",
+            "/%252e%252e/x",
+            "/%25252e%25252e/x",
+            "//../x",
+            "*",
+            "",
+            "example.com:443",
+        ] {
+            assert!(!stays_inside(path), "{path:?} passed");
+        }
+    }
+
+    #[test]
+    fn paths_that_stay_inside_pass() {
+        for path in [
+            "/",
+            "/v1/messages",
+            "/a/../b",
+            "/a/%2e%2e/b",
+            "/a/./b/..",
+            "/a..b/..c/...",
+            "/a/x%2Fy",
+            "/100%",
+            "/%zz/%2",
+            "/a/%25%25",
+        ] {
+            assert!(stays_inside(path), "{path:?} refused");
+        }
+    }
+
+    #[test]
+    fn percent_decoding_replaces_only_complete_escapes() {
+        assert_eq!(percent_decode(b"%2e%2E%2f%41"), b"../A");
+        assert_eq!(percent_decode(b"%2%zz%"), b"%2%zz%");
+        assert_eq!(percent_decode(b"%252e"), b"%2e");
+    }
 }

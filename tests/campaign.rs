@@ -515,19 +515,7 @@ impl Series {
         let told = Timestamp::now();
         self.broken_after_kill.push(ms(killed_at, told));
         self.broken_after_restart.push(ms(restarted, told));
-        let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-        let warned = events
-            .list(&ListParams::default())
-            .await
-            .map(|l| {
-                l.items.iter().any(|e| {
-                    e.reason.as_deref() == Some("ChainBroken")
-                        && e.type_.as_deref() == Some("Warning")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-                })
-            })
-            .unwrap_or(false);
-        if warned {
+        if chain_broken_event(env, name).await {
             self.chain_broken_events += 1;
         }
         // What a human does: a new token from the SDC UI into the credentials Secret.
@@ -910,4 +898,25 @@ async fn api_fault_soak() {
     assert!(lost.is_empty(), "chains lost: {lost:?}");
     drop(op);
     env.finish().await;
+}
+
+/// Whether a ChainBroken Warning Event about `name` exists, waiting up to 10 s for it: the
+/// operator writes the condition first and creates the Event after, so the condition can
+/// be seen before the Event exists.
+async fn chain_broken_event(env: &Env, name: &str) -> bool {
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = events.list(&ListParams::default()).await.is_ok_and(|l| {
+            l.items.iter().any(|e| {
+                e.reason.as_deref() == Some("ChainBroken")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            })
+        });
+        if found || Instant::now() >= deadline {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

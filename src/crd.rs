@@ -93,7 +93,7 @@ pub struct ScgTokenSpec {
     /// `validity`; excludes `refreshBeforePercentage`. When the API returns a lifetime
     /// shorter than this margin, the operator refreshes after a tenth of the lifetime
     /// instead, so a short lifetime never causes a refresh loop. Pods that read a mounted Secret volume
-    /// need room for the kubelet, which takes 60-90 s to update it; pods served by the
+    /// need room for the kubelet, which takes up to about 90 s to update it; pods served by the
     /// token agent switch within a second. Unset by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = DURATION_PATTERN))]

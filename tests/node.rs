@@ -21,8 +21,8 @@ use std::{
 };
 
 use common::node::{
-    Lane, OPERATOR_NS, container_pid, kubectl, kubectl_input, kubectl_try, proc_status, rollout,
-    root_mount_options, until,
+    Lane, OPERATOR_NS, OperatorInstall, container_pid, kubectl, kubectl_input, kubectl_try,
+    proc_status, rollout, root_mount_options, until,
 };
 use futures::StreamExt;
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod, policy::v1::PodDisruptionBudget};
@@ -36,75 +36,30 @@ const CONSUMER_SECRET: &str = "node-planted-consumer-secret-77d1";
 const OPERATOR_SA: &str = "system:serviceaccount:scg-token-operator:";
 const PATIENCE: Duration = Duration::from_secs(180);
 
-/// `kubectl apply -k` of deploy/, with only what points it at the lane's simulator
-/// changed: its CA in a ConfigMap, mounted, and named by SCG_CA_BUNDLE. The image is
-/// the one deploy/ names, imported into the node (IfNotPresent). Deleted on drop.
+/// An install of tests/common/node.rs's [`OperatorInstall`] that also removes the
+/// tenant's namespace on drop.
 struct KustomizeInstall {
-    dir: std::path::PathBuf,
+    _operator: OperatorInstall,
 }
 
 impl KustomizeInstall {
     fn apply(lane: &Lane, sim: &ScgSimulator, name: &str, resources: &str) -> KustomizeInstall {
-        let dir = lane.dir(name, &[("ca.crt", sim.ca_pem().expect("TLS simulator"))]);
-        let resources = lane.relative(&dir, resources);
-        let kustomization = format!(
-            r#"apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - {resources}
-configMapGenerator:
-  - name: scg-lane-ca
-    namespace: {OPERATOR_NS}
-    files: [ca.crt]
-    options: {{disableNameSuffixHash: true}}
-patches:
-  - patch: |-
-      apiVersion: apps/v1
-      kind: Deployment
-      metadata: {{name: scg-token-operator, namespace: {OPERATOR_NS}}}
-      spec:
-        template:
-          spec:
-            volumes: [{{name: scg-lane-ca, configMap: {{name: scg-lane-ca}}}}]
-            containers:
-              - name: operator
-                env: [{{name: SCG_CA_BUNDLE, value: /etc/scg-lane-ca/ca.crt}}]
-                volumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: true}}]
-"#
-        );
-        std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("kustomization");
-        let dir_s = dir.to_str().expect("utf-8 path");
-        // The CRD first: the rest may name it.
-        kubectl(&["apply", "-k", dir_s]);
-        rollout(OPERATOR_NS, "scg-token-operator");
-        KustomizeInstall { dir }
+        KustomizeInstall {
+            _operator: OperatorInstall::apply(lane, sim, name, resources, &[]),
+        }
     }
 }
 
 impl Drop for KustomizeInstall {
     fn drop(&mut self) {
-        let dir = self.dir.to_str().unwrap_or_default();
-        let _ = kubectl_try(
-            &[
-                "delete",
-                "-k",
-                dir,
-                "--ignore-not-found",
-                "--wait=true",
-                "--timeout=120s",
-            ],
-            None,
-        );
-        let _ = kubectl_try(
-            &[
-                "delete",
-                "namespace",
-                TENANT_NS,
-                "--ignore-not-found",
-                "--wait=true",
-            ],
-            None,
-        );
+        let args = [
+            "delete",
+            "namespace",
+            TENANT_NS,
+            "--ignore-not-found",
+            "--wait=true",
+        ];
+        let _ = kubectl_try(&args, None);
     }
 }
 

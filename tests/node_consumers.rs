@@ -53,12 +53,11 @@ mod common {
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use common::node::{Lane, OPERATOR_NS, kubectl, kubectl_try, rollout, until};
+use common::node::{Lane, OperatorInstall, kubectl, kubectl_try, rollout, until};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::{
@@ -201,78 +200,6 @@ struct Task(tokio::task::JoinHandle<()>);
 impl Drop for Task {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// The operator as `kubectl apply -k` installs it from `deploy` with the three consumer
-/// components, plus what points it at the simulator (its CA in a ConfigMap, named by
-/// SCG_CA_BUNDLE), as tests/node.rs does. Deleted on drop.
-struct OperatorInstall {
-    dir: PathBuf,
-}
-
-impl OperatorInstall {
-    fn apply(lane: &Lane, sim: &ScgSimulator) -> OperatorInstall {
-        let dir = lane.dir(
-            "operator",
-            &[("ca.crt", sim.ca_pem().expect("TLS simulator"))],
-        );
-        let rel = |path: &str| lane.relative(&dir, path);
-        let kustomization = format!(
-            r#"apiVersion: kustomize.config.k8s.io/v1beta1
-kind: Kustomization
-resources:
-  - {deploy}
-components:
-  - {reports}
-  - {nudge}
-  - {restart}
-configMapGenerator:
-  - name: scg-lane-ca
-    namespace: {OPERATOR_NS}
-    files: [ca.crt]
-    options: {{disableNameSuffixHash: true}}
-patches:
-  - patch: |-
-      apiVersion: apps/v1
-      kind: Deployment
-      metadata: {{name: scg-token-operator, namespace: {OPERATOR_NS}}}
-      spec:
-        template:
-          spec:
-            volumes: [{{name: scg-lane-ca, configMap: {{name: scg-lane-ca}}}}]
-            containers:
-              - name: operator
-                env: [{{name: SCG_CA_BUNDLE, value: /etc/scg-lane-ca/ca.crt}}]
-                volumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: true}}]
-"#,
-            deploy = rel("deploy"),
-            reports = rel("deploy/components/consumer-reports"),
-            nudge = rel("deploy/components/consumer-nudge"),
-            restart = rel("deploy/components/rollout-restart"),
-        );
-        std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("kustomization");
-        let install = OperatorInstall { dir };
-        kubectl(&["apply", "-k", install.dir.to_str().expect("utf-8 path")]);
-        rollout(OPERATOR_NS, "scg-token-operator");
-        install
-    }
-}
-
-impl Drop for OperatorInstall {
-    fn drop(&mut self) {
-        let dir = self.dir.to_str().unwrap_or_default();
-        let _ = kubectl_try(
-            &[
-                "delete",
-                "-k",
-                dir,
-                "--ignore-not-found",
-                "--wait=true",
-                "--timeout=120s",
-            ],
-            None,
-        );
     }
 }
 
@@ -950,7 +877,17 @@ async fn consumers_caught_up(
 async fn run(plan: &Plan) -> (Figures, BTreeMap<String, ConsumerStats>) {
     let lane = Lane::get().await;
     let sim = lane.simulator(Duration::from_secs(plan.lifetime)).await;
-    let _operator = OperatorInstall::apply(&lane, &sim);
+    let _operator = OperatorInstall::apply(
+        &lane,
+        &sim,
+        "operator",
+        "deploy",
+        &[
+            "deploy/components/consumer-reports",
+            "deploy/components/consumer-nudge",
+            "deploy/components/rollout-restart",
+        ],
+    );
     let namespace = plan.namespace();
     let (writes, _watch) = Writes::watch(lane.client.clone(), &namespace);
     let _workload = Workload::apply(&lane, &sim, plan);

@@ -284,3 +284,76 @@ pub fn helm() -> String {
     assert!(ok, "testenv/helm/build: {err}");
     out.trim().to_string()
 }
+
+/// The operator installed as `kubectl apply -k` installs it: `resources` (deploy/ or an
+/// overlay) plus `components` (deploy/components/...), with only what points it at the
+/// lane's simulator changed: its CA in a ConfigMap, mounted, and named by SCG_CA_BUNDLE.
+/// The image is the one deploy/ names, imported into the node (IfNotPresent). Waits for
+/// the rollout; deleted (and waited for) on drop.
+pub struct OperatorInstall {
+    dir: PathBuf,
+}
+
+impl OperatorInstall {
+    pub fn apply(
+        lane: &Lane,
+        sim: &ScgSimulator,
+        name: &str,
+        resources: &str,
+        components: &[&str],
+    ) -> OperatorInstall {
+        let dir = lane.dir(name, &[("ca.crt", sim.ca_pem().expect("TLS simulator"))]);
+        let mut kustomization = format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {}\n",
+            lane.relative(&dir, resources)
+        );
+        if !components.is_empty() {
+            kustomization.push_str("components:\n");
+            for c in components {
+                kustomization.push_str(&format!("  - {}\n", lane.relative(&dir, c)));
+            }
+        }
+        kustomization.push_str(&format!(
+            r#"configMapGenerator:
+  - name: scg-lane-ca
+    namespace: {OPERATOR_NS}
+    files: [ca.crt]
+    options: {{disableNameSuffixHash: true}}
+patches:
+  - patch: |-
+      apiVersion: apps/v1
+      kind: Deployment
+      metadata: {{name: scg-token-operator, namespace: {OPERATOR_NS}}}
+      spec:
+        template:
+          spec:
+            volumes: [{{name: scg-lane-ca, configMap: {{name: scg-lane-ca}}}}]
+            containers:
+              - name: operator
+                env: [{{name: SCG_CA_BUNDLE, value: /etc/scg-lane-ca/ca.crt}}]
+                volumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: true}}]
+"#
+        ));
+        std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("kustomization");
+        // The guard first: a failed apply or rollout is removed too.
+        let install = OperatorInstall { dir };
+        kubectl(&["apply", "-k", install.dir.to_str().expect("utf-8 path")]);
+        rollout(OPERATOR_NS, "scg-token-operator");
+        install
+    }
+}
+
+impl Drop for OperatorInstall {
+    fn drop(&mut self) {
+        let dir = self.dir.to_str().unwrap_or_default();
+        let args = [
+            "delete",
+            "-k",
+            dir,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ];
+        let _ = kubectl_try(&args, None);
+    }
+}

@@ -330,7 +330,7 @@ func (p *plane) startControllerManager(ctx context.Context, apiURL string, port 
 	if err := writeKubeconfig(kubeconfig, apiURL, k.servingCA.certPEM(), "system:kube-controller-manager", k.kcm); err != nil {
 		return err
 	}
-	s, err := startServer("kube-controller-manager", filepath.Join(p.bin, "kube-controller-manager"), []string{
+	args := []string{
 		"--kubeconfig=" + kubeconfig,
 		"--authentication-kubeconfig=" + kubeconfig,
 		"--authorization-kubeconfig=" + kubeconfig,
@@ -351,7 +351,19 @@ func (p *plane) startControllerManager(ctx context.Context, apiURL string, port 
 		"--service-account-private-key-file=" + k.saPrivateKey,
 		"--root-ca-file=" + k.servingCAFile,
 		"--profiling=false",
-	}, filepath.Join(p.dir, "kube-controller-manager.log"))
+	}
+	kcmURL := fmt.Sprintf("https://127.0.0.1:%d", port)
+	if err := p.startHealthy(ctx, "kube-controller-manager", args, kcmURL+"/healthz"); err != nil {
+		return err
+	}
+	logf("kube-controller-manager %s at %s (controllers: %s)", p.versions["kubernetes"], kcmURL, p.controllers())
+	return nil
+}
+
+// startHealthy starts the server p.bin/name, logging to p.dir/name.log, and waits until
+// its url (on the serving certificate, asked as the admin) answers ok.
+func (p *plane) startHealthy(ctx context.Context, name string, args []string, url string) error {
+	s, err := startServer(name, filepath.Join(p.bin, name), args, filepath.Join(p.dir, name+".log"))
 	if err != nil {
 		return err
 	}
@@ -360,12 +372,7 @@ func (p *plane) startControllerManager(ctx context.Context, apiURL string, port 
 	if err != nil {
 		return err
 	}
-	kcmURL := fmt.Sprintf("https://127.0.0.1:%d", port)
-	if err := waitHealthy(ctx, s, client, kcmURL+"/healthz", "ok"); err != nil {
-		return err
-	}
-	logf("kube-controller-manager %s at %s (controllers: %s)", p.versions["kubernetes"], kcmURL, p.controllers())
-	return nil
+	return waitHealthy(ctx, s, client, url, "ok")
 }
 
 func (p *plane) controllers() string {

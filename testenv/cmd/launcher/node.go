@@ -214,7 +214,7 @@ func (p *plane) startScheduler(ctx context.Context, apiURL string, port int) err
 	if err != nil {
 		return err
 	}
-	s, err := startServer("kube-scheduler", filepath.Join(p.bin, "kube-scheduler"), []string{
+	args := []string{
 		"--kubeconfig=" + kubeconfig,
 		"--authentication-kubeconfig=" + kubeconfig,
 		"--authorization-kubeconfig=" + kubeconfig,
@@ -224,17 +224,9 @@ func (p *plane) startScheduler(ctx context.Context, apiURL string, port int) err
 		"--tls-private-key-file=" + p.pki.servingKey,
 		"--leader-elect=false",
 		"--profiling=false",
-	}, filepath.Join(p.dir, "kube-scheduler.log"))
-	if err != nil {
-		return err
-	}
-	p.servers = append(p.servers, s)
-	client, err := p.adminHTTPClient()
-	if err != nil {
-		return err
 	}
 	url := fmt.Sprintf("https://127.0.0.1:%d", port)
-	if err := waitHealthy(ctx, s, client, url+"/healthz", "ok"); err != nil {
+	if err := p.startHealthy(ctx, "kube-scheduler", args, url+"/healthz"); err != nil {
 		return err
 	}
 	logf("kube-scheduler %s at %s", p.versions["kubernetes"], url)

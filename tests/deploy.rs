@@ -13,8 +13,8 @@ use std::process::Command;
 
 use common::manifests::{
     OPERATOR_NS, Permission, SERVICE_ACCOUNT, assert_fields_in_schema, env_value, example, get,
-    granted, grants, kustomize, name_of, of_kind, one, operator_container, parse_docs, permissions,
-    repo, s, seq, strs,
+    granted, grants, kustomize, name_of, of_kind, one, operator_container, operator_roles,
+    parse_docs, permissions, repo, s, seq, strs,
 };
 use serde_yaml::Value;
 
@@ -150,11 +150,9 @@ fn cluster_wide_setups_bind_the_cluster_role() {
         let objs = kustomize(setup);
         let crb = one(&objs, "ClusterRoleBinding");
         assert_eq!(s(crb, "roleRef.kind"), "ClusterRole");
-        assert!(permissions(one(&objs, "ClusterRole")).contains(&(
-            String::new(),
-            "secrets".into(),
-            "get".into()
-        )));
+        let roles = operator_roles(&objs, "ClusterRole");
+        assert_eq!(roles.len(), 1, "the operator's ClusterRole");
+        assert!(permissions(roles[0]).contains(&(String::new(), "secrets".into(), "get".into())));
         let container = operator_container(one(&objs, "Deployment"));
         assert!(
             env_value(container, "SCG_NAMESPACE").is_none()
@@ -273,7 +271,10 @@ fn deployment_is_hardened_and_probed_on_the_admin_port() {
 #[cfg_attr(not(kubectl), ignore = "needs kubectl on PATH")]
 fn namespaced_overlay_grants_nothing_cluster_wide() {
     let objs = kustomize("overlays/namespaced");
-    assert!(of_kind(&objs, "ClusterRole").is_empty(), "no ClusterRole");
+    assert!(
+        operator_roles(&objs, "ClusterRole").is_empty(),
+        "no ClusterRole for the operator"
+    );
     assert!(
         of_kind(&objs, "ClusterRoleBinding").is_empty(),
         "no ClusterRoleBinding"

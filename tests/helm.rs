@@ -338,6 +338,40 @@ fn default_rendering_matches_the_kustomize_base() {
         grants(&helm).contains_key("cluster"),
         "cluster-wide by default"
     );
+    assert_eq!(aggregated_roles(&helm), aggregated_roles(&base));
+}
+
+/// The ClusterRoles aggregated into the default user-facing roles: name, aggregation
+/// labels and rules. Both installs have the same two (view, edit).
+fn aggregated_roles(objs: &[Value]) -> Vec<(String, Vec<String>, Value)> {
+    let mut roles: Vec<_> = of_kind(objs, "ClusterRole")
+        .into_iter()
+        .filter_map(|r| {
+            let labels = get(r, "metadata.labels").as_mapping()?;
+            let mut aggregate: Vec<String> = labels
+                .iter()
+                .filter_map(|(k, v)| {
+                    let k = k.as_str()?;
+                    (k.contains("/aggregate-to-") && v.as_str() == Some("true"))
+                        .then(|| k.to_string())
+                })
+                .collect();
+            aggregate.sort();
+            (!aggregate.is_empty()).then(|| {
+                let name = s(r, "metadata.name").to_string();
+                (name, aggregate, get(r, "rules").clone())
+            })
+        })
+        .collect();
+
+    roles.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = roles.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["scg-token-operator-edit", "scg-token-operator-view"],
+        "the aggregated roles"
+    );
+    roles
 }
 
 #[test]
@@ -346,7 +380,9 @@ fn namespaced_values_match_the_namespaced_overlay() {
     let helm = chart(&["-f", "charts/scg-token-operator/ci/namespaced-values.yaml"]);
     let overlay = kustomize("overlays/namespaced");
     assert_same_substance(&helm, &overlay);
-    assert!(of_kind(&helm, "ClusterRole").is_empty());
+    // No ClusterRole for the operator, none bound: only the user-facing aggregated ones.
+    assert_eq!(aggregated_roles(&helm), aggregated_roles(&overlay));
+    assert_eq!(of_kind(&helm, "ClusterRole").len(), 2);
     assert!(of_kind(&helm, "ClusterRoleBinding").is_empty());
     assert_eq!(
         get(env(container(&helm), "SCG_NAMESPACE").unwrap(), "value"),

@@ -579,3 +579,69 @@ async fn two_healthy(pdbs: &Api<PodDisruptionBudget>) {
         status.expected_pods, status.current_healthy, status.disruptions_allowed
     );
 }
+
+/// The install's aggregated ClusterRoles: whoever is bound to `edit` in a namespace may
+/// manage ScgTokens there (and nowhere else), whoever is bound to `view` may read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a node: testenv/run --node -- testenv/node-lane"]
+async fn namespace_editors_manage_scgtokens_through_the_aggregated_roles() {
+    let lane = Lane::get().await;
+    let sim = lane.simulator(Duration::from_secs(30)).await;
+    let _install = KustomizeInstall::apply(&lane, &sim, "kustomize-users", "deploy");
+    kubectl(&["create", "namespace", TENANT_NS]);
+    kubectl(&["create", "namespace", "node-other"]);
+    for (binding, role, user) in [("dev", "edit", "alice"), ("auditor", "view", "bob")] {
+        let role = format!("--clusterrole={role}");
+        let user = format!("--user={user}");
+        kubectl(&[
+            "-n",
+            TENANT_NS,
+            "create",
+            "rolebinding",
+            binding,
+            &role,
+            &user,
+        ]);
+    }
+    let can = |verb: &str, ns: &str, user: &str| {
+        let args = [
+            "auth",
+            "can-i",
+            verb,
+            "scgtokens.scgtoken.io",
+            "-n",
+            ns,
+            "--as",
+            user,
+        ];
+        kubectl_try(&args, None).1.trim() == "yes"
+    };
+    // The clusterrole-aggregation controller fills `edit` and `view` in shortly.
+    until("edit to include ScgTokens", PATIENCE, || async {
+        (can("create", TENANT_NS, "alice") && can("list", TENANT_NS, "bob")).then_some(())
+    })
+    .await;
+    assert!(
+        can("delete", TENANT_NS, "alice"),
+        "an editor deletes ScgTokens"
+    );
+    assert!(!can("create", "node-other", "alice"), "only where bound");
+    assert!(!can("create", TENANT_NS, "bob"), "a viewer only reads");
+    assert!(!can("patch", TENANT_NS, "bob"), "a viewer only reads");
+    let token = format!(
+        "apiVersion: scgtoken.io/v1alpha1\nkind: ScgToken\nmetadata: {{name: by-alice, namespace: {TENANT_NS}}}\nspec:\n  credentialsSecretRef: {{name: none}}\n"
+    );
+    kubectl_input(&["apply", "--as", "alice", "-f", "-"], Some(&token));
+    let (ok, _, err) = kubectl_try(
+        &[
+            "-n", TENANT_NS, "delete", "scgtoken", "by-alice", "--as", "bob",
+        ],
+        None,
+    );
+    assert!(
+        !ok && err.contains("Forbidden"),
+        "a viewer deletes nothing: {err}"
+    );
+    println!("edit manages ScgTokens in its namespace only; view reads them");
+    let _ = kubectl_try(&["delete", "namespace", "node-other", "--wait=true"], None);
+}

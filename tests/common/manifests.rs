@@ -139,6 +139,26 @@ pub fn of_kind<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
     objs.iter().filter(|o| get(o, "kind") == kind).collect()
 }
 
+/// A ClusterRole aggregated into Kubernetes' user-facing roles (view, edit, admin;
+/// deploy/base/user-rbac.yaml): it grants people rights on ScgTokens and is bound to no
+/// one by the install, so it grants the operator nothing.
+pub fn is_user_facing(o: &Value) -> bool {
+    get(o, "kind") == "ClusterRole"
+        && get(o, "metadata.labels").as_mapping().is_some_and(|m| {
+            m.keys()
+                .filter_map(Value::as_str)
+                .any(|k| k.contains("/aggregate-to-"))
+        })
+}
+
+/// The operator's own Roles and ClusterRoles of a kind (not the user-facing ones).
+pub fn operator_roles<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    of_kind(objs, kind)
+        .into_iter()
+        .filter(|o| !is_user_facing(o))
+        .collect()
+}
+
 pub fn one<'a>(objs: &'a [Value], kind: &str) -> &'a Value {
     let found = of_kind(objs, kind);
     assert_eq!(found.len(), 1, "expected exactly one {kind}");
@@ -241,6 +261,7 @@ pub fn grants(objs: &[Value]) -> Vec<Grant<'_>> {
     for role in objs
         .iter()
         .filter(|o| matches!(get(o, "kind").as_str(), Some("Role" | "ClusterRole")))
+        .filter(|o| !is_user_facing(o))
     {
         let id = (
             s(role, "kind"),

@@ -317,6 +317,8 @@ pub struct ScgTokenStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
     /// When the operator will next try to refresh (a scheduled refresh or a retry).
+    /// While attempts keep failing for the same reason, this and the two fields below
+    /// are rewritten at most once a minute, so they may be up to a minute behind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_refresh_at: Option<Time>,
     /// When the current token was received.
@@ -325,7 +327,8 @@ pub struct ScgTokenStatus {
     /// When the last refresh attempt failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_failure_at: Option<Time>,
-    /// Refresh attempts that failed in a row; 0 after a success. Drives the back-off.
+    /// Refresh attempts that failed in a row; 0 after a success. The operator counts
+    /// the back-off in memory and resumes it from here after a restart.
     #[serde(default)]
     pub consecutive_failures: u32,
     /// Short salted SHA-256 fingerprint of the current token, to tell tokens apart

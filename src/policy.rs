@@ -334,6 +334,56 @@ pub fn retry_at(
     add_ms(now, delay)
 }
 
+/// While attempts keep failing for the same reason, status is rewritten at most this
+/// often: every failed attempt used to patch status (attempt count, times, message), and
+/// an SCG outage then loaded the API server and every watcher of ScgTokens with writes
+/// that told nobody anything new. A change of reason is always written at once.
+pub const STATUS_PROGRESS_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A failure streak: how many attempts failed in a row and when the next may be made.
+/// The reconciler keeps it in memory, since status shows it up to
+/// [`STATUS_PROGRESS_INTERVAL`] late; fewer writes must not reset or shorten a back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backoff {
+    pub failures: u32,
+    pub retry_at: Option<Timestamp>,
+}
+
+/// The back-off a process that does not remember one resumes from the last status
+/// written (`failures`, `last_failure_at`, `written_retry`). That status may be up to
+/// [`STATUS_PROGRESS_INTERVAL`] old, and attempts may have failed since without being
+/// written. So it errs toward waiting longer: unless the status's own retry comes later
+/// than the last unwritten attempt could have happened, it assumes one more attempt
+/// failed as late as possible and backs off from there (capped by the expiry as always).
+pub fn resumed_backoff(
+    failures: u32,
+    last_failure_at: Option<Timestamp>,
+    written_retry: Option<Timestamp>,
+    kind: FailureKind,
+    expires_at: Option<Timestamp>,
+    jitter_key: u64,
+) -> Backoff {
+    let (Some(last), true) = (last_failure_at, failures > 0) else {
+        return Backoff {
+            failures,
+            retry_at: written_retry,
+        };
+    };
+    let latest_unwritten = add_ms(last, STATUS_PROGRESS_INTERVAL.as_millis() as i64);
+    if written_retry.is_some_and(|r| r > latest_unwritten) {
+        return Backoff {
+            failures,
+            retry_at: written_retry,
+        };
+    }
+    let failures = failures.saturating_add(1);
+    let later = retry_at(latest_unwritten, kind, failures, expires_at, jitter_key);
+    Backoff {
+        failures,
+        retry_at: Some(written_retry.map_or(later, |r| r.max(later))),
+    }
+}
+
 /// Deterministic value in `[0, span)` from `key`: the same inputs give the same schedule,
 /// so recomputing it never changes status (and never causes a write).
 fn spread(key: u64, span: i64) -> i64 {
@@ -401,6 +451,42 @@ mod tests {
         let mut s = ScgTokenSpec::new("creds");
         f(&mut s);
         s
+    }
+
+    #[test]
+    fn a_resumed_back_off_errs_toward_waiting_longer() {
+        let unavailable = FailureKind::Unavailable { retry_after: None };
+        let resume = |failures, last: Option<i64>, retry: Option<i64>| {
+            resumed_backoff(
+                failures,
+                last.map(t),
+                retry.map(t),
+                unavailable,
+                Some(t(3600)),
+                7,
+            )
+        };
+        // No streak: nothing to resume.
+        assert_eq!(resume(0, None, Some(500)).failures, 0);
+        // The written retry is past the last minute an attempt could go unwritten: as is.
+        assert_eq!(
+            resume(4, Some(0), Some(90)),
+            Backoff {
+                failures: 4,
+                retry_at: Some(t(90)),
+            }
+        );
+        // Otherwise one more failure at the minute's end is assumed, and backed off from.
+        let b = resume(2, Some(0), Some(5));
+        assert_eq!(b.failures, 3);
+        assert_eq!(
+            b.retry_at,
+            Some(retry_at(t(60), unavailable, 3, Some(t(3600)), 7))
+        );
+        assert!(b.retry_at.unwrap() > t(60));
+        // Still capped by the expiry, so a token that can be saved is.
+        let near = resumed_backoff(9, Some(t(0)), Some(t(5)), unavailable, Some(t(100)), 7);
+        assert!(near.retry_at.unwrap() < t(100), "{near:?}");
     }
 
     #[test]

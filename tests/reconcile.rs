@@ -824,3 +824,129 @@ async fn an_older_token_never_overwrites_a_newer_one() {
         Some("token-2")
     );
 }
+
+/// Queues a 503 without Retry-After (so the shared budget does not pause in real time).
+fn unavailable(w: &World) {
+    w.api.fail(RefreshError::Unavailable {
+        status: 503,
+        retry_after: None,
+    });
+}
+
+#[tokio::test]
+async fn an_outage_patches_status_on_the_turn_and_then_at_most_once_a_minute() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    w.request_refresh("messaging", "2027-01-01T00:00:00Z").await;
+    let patches = || {
+        w.server
+            .counters()
+            .get("patch", "scgtoken.io/scgtokens/status")
+    };
+    let before = patches();
+
+    // The first failure turns Ready to Unavailable: written at once.
+    unavailable(&w);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.ready("messaging").await.1, "Unavailable");
+    assert_eq!(patches(), before + 1);
+
+    // A pass every second for three minutes, every attempt failing (an empty script
+    // answers 599).
+    let mut calls_at = vec![0];
+    for second in 1..=180 {
+        w.clock.advance(Duration::from_secs(1));
+        let calls = w.api.calls().len();
+        w.reconcile("messaging").await.unwrap();
+        if w.api.calls().len() > calls {
+            calls_at.push(second);
+        }
+        if second == 59 {
+            assert_eq!(patches(), before + 1, "no patch while only the count moves");
+        }
+    }
+    // The back-off lives in memory: attempts spread out although status, written once,
+    // still shows the first attempt's retry.
+    let gaps: Vec<i64> = calls_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 5, "attempts were made: {calls_at:?}");
+    assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "back-off: {gaps:?}");
+    assert!(*gaps.last().unwrap() >= 16, "back-off grew: {gaps:?}");
+    // One patch for the turn, then at most one per failing minute, with the true count.
+    let written = patches() - before;
+    assert!(
+        (2..=4).contains(&written),
+        "{written} status patches in 3 minutes"
+    );
+    let status = w.token("messaging").await.status.unwrap();
+    assert!(status.consecutive_failures > 1, "{status:?}");
+    assert_eq!(w.ready("messaging").await.1, "Unavailable");
+
+    // The recovery is a transition: written at once, and announced once.
+    let patched = patches();
+    w.clock.advance(Duration::from_secs(600));
+    w.api.issue("token-2", 3600);
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(patches(), patched + 1);
+    assert_eq!(w.ready("messaging").await.1, "Refreshed");
+    assert_eq!(
+        w.token("messaging")
+            .await
+            .status
+            .unwrap()
+            .consecutive_failures,
+        0
+    );
+    let reasons = w.event_reasons().await;
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Unavailable").count(),
+        1,
+        "one Warning for the streak: {reasons:?}"
+    );
+    assert!(reasons.contains(&"Recovered".to_string()), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn a_new_process_resumes_a_back_off_no_sooner_than_the_last_one_would_have() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    w.request_refresh("messaging", "2027-01-01T00:00:00Z").await;
+    // Three failures 5 s apart: status holds the first (the turn to Unavailable), memory
+    // all three.
+    let start = w.clock.now();
+    for _ in 0..3 {
+        unavailable(&w);
+        w.reconcile("messaging").await.unwrap();
+        w.clock.advance(Duration::from_secs(5));
+    }
+    let status = w.token("messaging").await.status.unwrap();
+    assert_eq!(status.consecutive_failures, 1, "only the turn was written");
+    assert_eq!(w.api.calls().len(), 4);
+
+    // A new process (nothing in memory) 15 s in: the written retry (5 s in) has passed,
+    // but status may be up to a minute behind, so it does not call until an attempt
+    // that could have failed unwritten at the minute's end would have backed off.
+    let restarted = context(&w.client, &w.api, &w.clock);
+    let pass = || async {
+        let obj = w.tokens().get("messaging").await.unwrap();
+        reconcile(Arc::new(obj), restarted.clone()).await.unwrap();
+    };
+    let mut first_call = None;
+    for _ in 0..600 {
+        pass().await;
+        if w.api.calls().len() > 4 {
+            first_call = Some(w.clock.now());
+            break;
+        }
+        w.clock.advance(Duration::from_secs(1));
+    }
+    let first_call = first_call.expect("the new process retries within 10 minutes");
+    assert!(
+        first_call > start + SignedDuration::from_secs(60),
+        "retried {} s after the streak began",
+        first_call.duration_since(start).as_secs()
+    );
+}

@@ -10,7 +10,10 @@ use std::{
 use jiff::Timestamp;
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
-use crate::chain::{Chain, TOKEN_FINGERPRINT};
+use crate::{
+    chain::{Chain, TOKEN_FINGERPRINT},
+    policy::Backoff,
+};
 
 /// An ScgToken's namespace and name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -53,6 +56,8 @@ struct Entry {
     wrote: Option<(String, String)>,
     /// Fingerprint of the token this process is writing into the target Secret now.
     writing: Option<String>,
+    /// The failure streak as this process counts it; status shows it up to a minute late.
+    backoff: Option<Backoff>,
 }
 
 /// One entry per ScgToken, behind one lock. Boxed: most fields are empty most of the
@@ -169,6 +174,16 @@ impl Memory {
             .refreshed_event_at = Some(at);
     }
 
+    /// The failure streak this process counted, if it made an attempt since it started
+    /// leading.
+    pub fn backoff(&self, key: &Key) -> Option<Backoff> {
+        self.entries().get(key)?.backoff
+    }
+
+    pub fn set_backoff(&self, key: &Key, backoff: Backoff) {
+        self.entries().entry(key.clone()).or_default().backoff = Some(backoff);
+    }
+
     /// Fingerprint of the token the pods were last nudged for (attempted: a nudge is
     /// tried once per token, since the kubelet's periodic sync follows anyway).
     pub fn nudged_for(&self, key: &Key) -> Option<String> {
@@ -197,6 +212,7 @@ impl Memory {
             Some(e) if e.held.as_ref().is_some_and(|h| !h.persisted) => {
                 e.handled_request = None;
                 e.refreshed_event_at = None;
+                e.backoff = None;
             }
             _ => {
                 entries.remove(key);

@@ -49,7 +49,7 @@ use crate::{
     chain::{self, Chain, Credentials},
     crd::{ScgToken, ScgTokenStatus},
     k8s,
-    policy::{self, Cleared, Decision, Inputs, Settings, Stop},
+    policy::{self, Backoff, Cleared, Decision, FailureKind, Inputs, Settings, Stop},
     report::{self, TokenLabels},
     scg::{Endpoint, RefreshError},
 };
@@ -129,6 +129,8 @@ struct Pass<'a> {
     prev: ScgTokenStatus,
     /// The agents' reports, from the Lease cache as the pass started.
     reports: consumers::Reports,
+    /// The failure streak before this pass.
+    backoff: Backoff,
 }
 
 /// A refresh a pass is about to make.
@@ -150,6 +152,7 @@ impl<'a> Pass<'a> {
             obj,
             ctx,
             secrets: Api::namespaced(ctx.client.clone(), &key.namespace),
+            backoff: backoff(ctx, &key, obj),
             key,
             now: ctx.clock.now(),
             prev: obj.status.clone().unwrap_or_default(),
@@ -204,8 +207,8 @@ impl<'a> Pass<'a> {
             now: self.now,
             settings: &settings,
             token: standing.chain.times,
-            failures: self.prev.consecutive_failures,
-            retry_at: self.prev.next_refresh_at.as_ref().map(|t| t.0),
+            failures: self.backoff.failures,
+            retry_at: self.backoff.retry_at,
             inputs_changed,
             requested: request.is_some(),
             jitter_key,
@@ -316,6 +319,39 @@ impl<'a> Pass<'a> {
             credentials_fingerprint,
         }
     }
+}
+
+/// The failure streak before a pass: as this process counted it, or, when it has not
+/// (it started, or it leads again), resumed from the last status written
+/// ([`policy::resumed_backoff`]). A count in memory that status contradicts is another
+/// replica's older view and is dropped: status has moved on past it.
+fn backoff(ctx: &Context, key: &Key, obj: &ScgToken) -> Backoff {
+    let status = obj.status.clone().unwrap_or_default();
+    let written = status.consecutive_failures;
+    let remembered = ctx
+        .memory
+        .backoff(key)
+        .filter(|b| b.failures >= written && (b.failures == 0) == (written == 0));
+    if let Some(b) = remembered {
+        return b;
+    }
+    let kind = match obj
+        .ready_condition()
+        .and_then(|c| c.reason.parse::<report::Reason>().ok())
+    {
+        Some(report::Reason::Rejected | report::Reason::ChainBroken) => FailureKind::Rejected,
+        _ => FailureKind::Unavailable { retry_after: None },
+    };
+    let time =
+        |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| t.as_ref().map(|t| t.0);
+    policy::resumed_backoff(
+        written,
+        time(&status.last_failure_at),
+        time(&status.next_refresh_at),
+        kind,
+        time(&status.expires_at),
+        policy::jitter_key(&obj.uid().unwrap_or_default()),
+    )
 }
 
 /// Fingerprint of what a refresh attempt sends: when it changes, a human changed the

@@ -24,6 +24,9 @@ pub struct Prior<'a> {
     pub ready: Option<&'a Condition>,
     pub generation: Option<i64>,
     pub target_name: &'a str,
+    /// Attempts that failed in a row before this pass (from memory: status may show
+    /// fewer, see [`policy::STATUS_PROGRESS_INTERVAL`]).
+    pub failures: u32,
     /// When the last `Refreshed` Event was published (from memory).
     pub refreshed_event_at: Option<Timestamp>,
 }
@@ -102,6 +105,7 @@ pub struct Outcome {
 /// The outcome of a pass that started at `now`.
 pub fn outcome(prior: &Prior<'_>, happened: Happened, now: Timestamp) -> Outcome {
     let mut status = prior.status.clone();
+    status.consecutive_failures = prior.failures;
     status.observed_generation = prior.generation;
     status.target_secret = Some(prior.target_name.to_string());
     let mut events = Vec::new();
@@ -203,7 +207,7 @@ fn waiting(
     show_chain(status, shown);
     status.next_refresh_at = Some(Time(until));
     let expired = expires_at.is_some_and(|e| e <= now);
-    let failing = prior.status.consecutive_failures > 0;
+    let failing = prior.failures > 0;
     let previous = prior
         .ready
         .and_then(|c| Some((c.reason.parse::<Reason>().ok()?, c.message.clone())));
@@ -235,7 +239,7 @@ fn failed(
     jitter_key: u64,
 ) -> (Reason, String, Option<Timestamp>) {
     let (kind, reason) = classify(error);
-    let failures = prior.status.consecutive_failures.saturating_add(1);
+    let failures = prior.failures.saturating_add(1);
     let expires_at = attempt.shown.times.expires_at;
     // Back off from the failure's end, not the pass's start (a timeout takes a while).
     let retry = policy::retry_at(at, kind, failures, expires_at, jitter_key);
@@ -310,7 +314,7 @@ fn refreshed_events(
                 .into(),
         ));
     }
-    let failures = prior.status.consecutive_failures;
+    let failures = prior.failures;
     if failures > 0 {
         events.push(normal(
             "Recovered",
@@ -364,6 +368,34 @@ fn valid_message(expires_at: Option<Timestamp>, next: Option<Timestamp>) -> Stri
         (Some(e), None) => format!("token valid until {e}"),
         _ => "the seed token is being refreshed".into(),
     }
+}
+
+/// Whether writing `next` over `prev` (the status the pass read) would only advance a
+/// failure streak that status already shows: the attempt count, its times and the
+/// message that states them, with the reason unchanged, within
+/// [`policy::STATUS_PROGRESS_INTERVAL`] of the last failure written. Such a write waits;
+/// any other change (a new reason, the chain, the spec's generation, the consumers) is
+/// written at once.
+pub fn progress_only(prev: &ScgTokenStatus, next: &ScgTokenStatus, now: Timestamp) -> bool {
+    let interval = SignedDuration::try_from(policy::STATUS_PROGRESS_INTERVAL).unwrap_or_default();
+    let recent = prev
+        .last_failure_at
+        .as_ref()
+        .is_some_and(|last| now < last.0 + interval);
+    if !recent || prev.consecutive_failures == 0 || next.consecutive_failures == 0 {
+        return false;
+    }
+    let without_progress = |s: &ScgTokenStatus| {
+        let mut s = s.clone();
+        s.consecutive_failures = 0;
+        s.last_failure_at = None;
+        s.next_refresh_at = None;
+        for c in s.conditions.iter_mut().filter(|c| c.type_ == "Ready") {
+            c.message.clear();
+        }
+        serde_json::to_value(s).ok()
+    };
+    without_progress(prev) == without_progress(next)
 }
 
 #[cfg(test)]
@@ -425,6 +457,7 @@ mod tests {
         let ready = row.before.map(condition);
         let prior = Prior {
             status: &status,
+            failures: status.consecutive_failures,
             ready: ready.as_ref(),
             generation: Some(2),
             target_name: "messaging",
@@ -471,6 +504,7 @@ mod tests {
         let ready = condition(Reason::Refreshed);
         let prior = Prior {
             status: &status,
+            failures: status.consecutive_failures,
             ready: Some(&ready),
             generation: Some(1),
             target_name: "messaging",
@@ -767,6 +801,40 @@ mod tests {
     }
 
     #[test]
+    fn only_a_failure_streak_advancing_within_a_minute_waits_to_be_written() {
+        let failing = |failures: u32, last: i64, reason: Reason, message: &str| ScgTokenStatus {
+            consecutive_failures: failures,
+            last_failure_at: Some(Time(t(last))),
+            next_refresh_at: Some(Time(t(last + 5))),
+            conditions: vec![report::ready_condition(
+                None,
+                reason,
+                message.into(),
+                Some(1),
+                t(-100),
+            )],
+            ..ScgTokenStatus::default()
+        };
+        let prev = failing(1, 0, Reason::Unavailable, "attempt 1 failed");
+        let more = failing(4, 20, Reason::Unavailable, "attempt 4 failed");
+        assert!(progress_only(&prev, &more, t(20)), "the count only moved");
+        assert!(
+            !progress_only(&prev, &more, t(60)),
+            "a minute since the last write"
+        );
+        let turned = failing(4, 20, Reason::Rejected, "attempt 4 failed");
+        assert!(!progress_only(&prev, &turned, t(20)), "the reason changed");
+        let mut moved = more.clone();
+        moved.token_fingerprint = Some("other".into());
+        assert!(!progress_only(&prev, &moved, t(20)), "the chain changed");
+        let mut recovered = more.clone();
+        recovered.consecutive_failures = 0;
+        assert!(!progress_only(&prev, &recovered, t(20)), "the streak ended");
+        let healthy = ScgTokenStatus::default();
+        assert!(!progress_only(&healthy, &more, t(20)), "the streak began");
+    }
+
+    #[test]
     fn a_failure_counts_backs_off_and_keeps_the_chain_shown() {
         let status = ScgTokenStatus {
             consecutive_failures: 1,
@@ -774,6 +842,7 @@ mod tests {
         };
         let prior = Prior {
             status: &status,
+            failures: status.consecutive_failures,
             ready: None,
             generation: Some(1),
             target_name: "messaging",
@@ -810,6 +879,7 @@ mod tests {
         };
         let prior = Prior {
             status: &status,
+            failures: status.consecutive_failures,
             ready: None,
             generation: Some(1),
             target_name: "messaging",

@@ -22,6 +22,7 @@ use super::{
 use crate::{
     crd::{ScgToken, ScgTokenStatus},
     k8s,
+    policy::Backoff,
     report::TokenLabels,
 };
 
@@ -34,7 +35,8 @@ impl Pass<'_> {
         self.publish(self.outcome(happened)).await
     }
 
-    /// The outcome of what happened, from the ScgToken as this pass read it.
+    /// The outcome of what happened, from the ScgToken as this pass read it. Memory
+    /// keeps the failure streak it leaves (a gate's stop leaves the streak as it was).
     pub(super) fn outcome(&self, happened: Happened) -> Outcome {
         let target_name = self.obj.target_name();
         let prior = Prior {
@@ -42,9 +44,21 @@ impl Pass<'_> {
             ready: self.obj.ready_condition(),
             generation: self.obj.metadata.generation,
             target_name: &target_name,
+            failures: self.backoff.failures,
             refreshed_event_at: self.ctx.memory.refreshed_event_at(&self.key),
         };
-        outcome::outcome(&prior, happened, self.now)
+        let blocked = matches!(happened, Happened::Blocked(_));
+        let out = outcome::outcome(&prior, happened, self.now);
+        if !blocked {
+            let failures = out.status.consecutive_failures;
+            let retry_at = out.status.next_refresh_at.as_ref().map(|t| t.0);
+            let backoff = Backoff {
+                failures,
+                retry_at: retry_at.filter(|_| failures > 0),
+            };
+            self.ctx.memory.set_backoff(&self.key, backoff);
+        }
+        out
     }
 
     /// Updates the metrics, adds the consumers' part (after the writes it asks for),
@@ -95,12 +109,15 @@ impl Pass<'_> {
         }
     }
 
-    /// Writes `status` unless its serialized form is what the pass read. Whether status
-    /// is as wanted.
+    /// Writes `status` unless its serialized form is what the pass read, or it only
+    /// advances a failure streak that status shows and was written less than a minute
+    /// ago ([`outcome::progress_only`]). Whether status is as wanted.
     async fn write_status(&self, status: &ScgTokenStatus) -> bool {
         // Compare as serialized: Kubernetes times have whole-second precision, so an
         // instant computed to the millisecond equals its stored form only this way.
-        if serde_json::to_value(status).ok() == serde_json::to_value(&self.prev).ok() {
+        if serde_json::to_value(status).ok() == serde_json::to_value(&self.prev).ok()
+            || outcome::progress_only(&self.prev, status, self.now)
+        {
             return true;
         }
         let api: Api<ScgToken> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);

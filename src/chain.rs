@@ -18,7 +18,10 @@ use kube::{Api, Resource, ResourceExt, api::PostParams};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    crd::{DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken},
+    crd::{
+        ADOPT_TARGET_ANNOTATION, DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+        OWNER_ANNOTATION, OWNER_UID_ANNOTATION, ScgToken,
+    },
     k8s::{bounded, describe},
     policy::{Descends, TokenTimes},
     scg::{self, SecretString},
@@ -216,10 +219,26 @@ pub async fn load_target(api: &Api<Secret>, owner: &ScgToken) -> Result<Target, 
     })
 }
 
-/// Whether a Secret carries the ownership marker of this ScgToken.
+/// Whether a Secret carries the ownership marker of this ScgToken: the operator's label,
+/// the ScgToken's name, and its uid unless the Secret predates uids or the ScgToken asks
+/// to adopt it ([`OWNER_UID_ANNOTATION`]).
 pub fn is_owned_by(secret: &Secret, owner: &ScgToken) -> bool {
+    let a = secret.annotations();
+    let same_object = match (a.get(OWNER_UID_ANNOTATION), owner.uid()) {
+        (Some(written), Some(uid)) => *written == uid || adopts(owner),
+        _ => true,
+    };
     secret.labels().get(MANAGED_BY_LABEL).map(String::as_str) == Some(MANAGED_BY_VALUE)
-        && secret.annotations().get(OWNER_ANNOTATION) == Some(&owner.name_any())
+        && a.get(OWNER_ANNOTATION) == Some(&owner.name_any())
+        && same_object
+}
+
+fn adopts(owner: &ScgToken) -> bool {
+    owner
+        .annotations()
+        .get(ADOPT_TARGET_ANNOTATION)
+        .map(String::as_str)
+        == Some("true")
 }
 
 /// The chain stored in an owned target Secret, if it holds one.
@@ -267,6 +286,9 @@ pub fn desired_secret(owner: &ScgToken, base: Option<&Secret>, chain: &Chain) ->
         (TOKEN_FINGERPRINT, fingerprint(owner, chain.token.expose())),
         (TOKEN_KEY, t.token_key.clone()),
     ]);
+    if let Some(uid) = owner.uid() {
+        state.insert(OWNER_UID_ANNOTATION, uid);
+    }
     if let Some(at) = chain.times.issued_at {
         state.insert(ISSUED_AT, at.to_string());
     }

@@ -14,6 +14,15 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY_VALUE: &str = "scg-token-operator";
 /// Annotation on a target Secret naming the `ScgToken` (in the same namespace) it belongs to.
 pub const OWNER_ANNOTATION: &str = "scgtoken.io/owner";
+/// Annotation on a target Secret: the uid of the `ScgToken` it belongs to. A Secret kept
+/// by `deletionPolicy: Retain` outlives its ScgToken; a new ScgToken of the same name is
+/// another object, and takes the Secret over only with [`ADOPT_TARGET_ANNOTATION`].
+/// Targets written before this annotation existed carry none, and are taken by the
+/// ScgToken of their name, which records its uid.
+pub const OWNER_UID_ANNOTATION: &str = "scgtoken.io/owner-uid";
+/// Annotation on an `ScgToken`, value `"true"`: take over a target Secret that another
+/// ScgToken of the same name (an earlier, deleted one) left behind.
+pub const ADOPT_TARGET_ANNOTATION: &str = "scgtoken.io/adopt-target";
 /// Annotation on an `ScgToken` asking for one immediate refresh. Any new value triggers
 /// one refresh: `kubectl annotate scgtoken NAME scgtoken.io/refresh-requested-at="$(date -u +%FT%TZ)" --overwrite`.
 pub const REFRESH_REQUEST_ANNOTATION: &str = "scgtoken.io/refresh-requested-at";

@@ -40,7 +40,8 @@ use kube::{
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
     crd::{
-        MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, ScgToken, ScgTokenSpec, SecretName,
+        MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, OWNER_UID_ANNOTATION, ScgToken,
+        ScgTokenSpec, SecretName,
     },
     reconcile::{Context, Deps, reconcile},
     scg::{HttpTokenApi, RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
@@ -400,6 +401,19 @@ fn owned_by_another() -> Secret {
     owned_by("another")
 }
 
+/// The target a deleted ScgToken named "bad" left behind (`deletionPolicy: Retain`).
+fn left_by_a_deleted_namesake() -> Secret {
+    let mut s = owned_by("bad");
+    s.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert(
+            OWNER_UID_ANNOTATION.into(),
+            "uid-of-a-deleted-scgtoken".into(),
+        );
+    s
+}
+
 fn owned_immutable() -> Secret {
     Secret {
         immutable: Some(true),
@@ -619,6 +633,29 @@ fn catalogue() -> Vec<Case> {
             .target(owned_by_another)
             .check(no_call)
             .expect(conflict, "was not created for this ScgToken"),
+        Case::new("target left by a deleted ScgToken of the same name")
+            .target(left_by_a_deleted_namesake)
+            .check(no_call)
+            .expect(conflict, "annotate this one scgtoken.io/adopt-target=true"),
+        Case::new("target passing for a Helm release")
+            .spec(|s| {
+                s.target.name = Some("sh.helm.release.v1.payments.v9".into());
+                s.target.labels.insert("owner".into(), "helm".into());
+            })
+            .check(no_call)
+            .expect(spec, "reserved for Helm's release Secrets"),
+        Case::new("target type of Helm's")
+            .spec(|s| s.target.type_ = Some("helm.sh/release.v1".into()))
+            .check(no_call)
+            .expect(spec, "target type \"helm.sh/release.v1\" belongs to"),
+        Case::new("target annotation forging the ownership marker")
+            .spec(|s| {
+                s.target
+                    .annotations
+                    .insert("scgtoken.io/owner".into(), "another".into());
+            })
+            .check(no_call)
+            .expect(spec, "reserved prefix scgtoken.io/"),
         Case::new("target is the credentials Secret")
             .spec(|s| s.target.name = Some("creds".into()))
             .check(no_call)

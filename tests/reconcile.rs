@@ -188,6 +188,16 @@ impl World {
             .expect("annotate");
     }
 
+    /// Sets (or, with null, removes) the adopt-target annotation of "messaging".
+    async fn adopt(&self, value: serde_json::Value) {
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            scg_token_operator::crd::ADOPT_TARGET_ANNOTATION: value}}});
+        self.tokens()
+            .patch("messaging", &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("annotate ScgToken");
+    }
+
     async fn token(&self, name: &str) -> ScgToken {
         self.tokens().get(name).await.expect("get ScgToken")
     }
@@ -948,5 +958,56 @@ async fn a_new_process_resumes_a_back_off_no_sooner_than_the_last_one_would_have
         first_call > start + SignedDuration::from_secs(60),
         "retried {} s after the streak began",
         first_call.duration_since(start).as_secs()
+    );
+}
+
+#[tokio::test]
+async fn a_recreated_scgtoken_takes_over_a_retained_target_only_when_it_adopts_it() {
+    let w = World::new().await;
+    w.create("messaging", |_| {}).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await.unwrap();
+    let first = w.token("messaging").await;
+    w.tokens()
+        .delete("messaging", &DeleteParams::default())
+        .await
+        .unwrap();
+    // The controller's pass for the deletion: the ScgToken is gone, memory forgets it.
+    reconcile(Arc::new(first), w.ctx.clone()).await.unwrap();
+
+    // Another object of the same name (a new uid) finds the retained target.
+    w.create("messaging", |_| {}).await;
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(
+        w.ready("messaging").await,
+        ("False".into(), "TargetConflict".into())
+    );
+    assert_eq!(
+        w.api.calls().len(),
+        1,
+        "no call for a target it does not own"
+    );
+    assert_eq!(
+        w.target_token("messaging").await.as_deref(),
+        Some("token-1")
+    );
+
+    // Its owner says it adopts the target: the chain goes on from the stored token (not
+    // due yet), and the target is stamped with the new uid at once.
+    w.adopt(serde_json::json!("true")).await;
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.ready("messaging").await.1, "Refreshed");
+    assert_eq!(w.api.calls().len(), 1, "the stored token is not due");
+    // The annotation has done its work: without it the target is still this one's.
+    w.adopt(serde_json::Value::Null).await;
+    w.reconcile("messaging").await.unwrap();
+    assert_eq!(w.ready("messaging").await.1, "Refreshed");
+    let target = w.secrets().get("messaging").await.unwrap();
+    assert_eq!(
+        target
+            .annotations()
+            .get(scg_token_operator::crd::OWNER_UID_ANNOTATION),
+        w.token("messaging").await.metadata.uid.as_ref(),
+        "the target now names the new object"
     );
 }

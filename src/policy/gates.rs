@@ -151,8 +151,9 @@ fn not_suspended<K>(spec: &ScgTokenSpec) -> Result<(), Stop<K>> {
 fn own_target<K>(foreign: bool, immutable: bool, name: &str) -> Result<(), Stop<K>> {
     if foreign {
         let message = format!(
-            "Secret {name:?} exists and was not created for this ScgToken; delete it or \
-             set spec.target.name to another name"
+            "Secret {name:?} exists and was not created for this ScgToken; delete it, \
+             set spec.target.name to another name, or, if a deleted ScgToken of this name \
+             left it, annotate this one scgtoken.io/adopt-target=true"
         );
         return Err(blocked(Reason::TargetConflict, message, None));
     }

@@ -52,33 +52,62 @@ pub fn check(t: &TargetSpec) -> Result<(), InvalidSpec> {
             "target annotation {key:?} is not a valid annotation key"
         ));
     }
-    fits_type(t)
+    not_squatting(t)
 }
 
-/// The built-in Secret types require keys of their own; the operator writes only the
-/// token key and the expiry key.
-fn fits_type(t: &TargetSpec) -> Result<(), InvalidSpec> {
+/// Domains whose Secret types, labels and annotations belong to Kubernetes, Helm or this
+/// operator. Their controllers trust a Secret by its type and metadata: a ScgToken's
+/// author must not be able to make the operator write a Secret that Helm takes for a
+/// release, or one that carries another target's ownership marker.
+const RESERVED_DOMAINS: [&str; 4] = ["kubernetes.io", "k8s.io", "helm.sh", "scgtoken.io"];
+
+/// Name prefix of Helm's release Secrets.
+const HELM_RELEASE_PREFIX: &str = "sh.helm.release.";
+
+fn is_reserved(domain: &str) -> bool {
+    RESERVED_DOMAINS
+        .iter()
+        .any(|d| domain == *d || domain.strip_suffix(d).is_some_and(|sub| sub.ends_with('.')))
+}
+
+/// The target stays a Secret of its own kind: no reserved type, name, label or
+/// annotation. Kubernetes' recommended `app.kubernetes.io/` labels are the users', except
+/// `managed-by`, which the operator sets.
+fn not_squatting(t: &TargetSpec) -> Result<(), InvalidSpec> {
+    if let Some(name) = t
+        .name
+        .as_deref()
+        .filter(|n| n.starts_with(HELM_RELEASE_PREFIX))
+    {
+        return Err(InvalidSpec(format!(
+            "target name {name:?} is reserved for Helm's release Secrets"
+        )));
+    }
+    let keys = t.labels.keys().map(|k| ("label", k));
+    let keys = keys.chain(t.annotations.keys().map(|k| ("annotation", k)));
+    for (what, key) in keys {
+        let Some((prefix, name)) = key.split_once('/') else {
+            continue;
+        };
+        let recommended = prefix == "app.kubernetes.io" && name != "managed-by";
+        if is_reserved(prefix) && !recommended {
+            return Err(InvalidSpec(format!(
+                "target {what} {key:?} has the reserved prefix {prefix}/: it belongs to                  Kubernetes, Helm or this operator"
+            )));
+        }
+    }
     let Some(type_) = t.type_.as_deref() else {
         return Ok(());
     };
-    let written = |k: &str| t.token_key == k || t.expiry_key.as_deref() == Some(k);
-    let fits = match type_ {
-        "kubernetes.io/basic-auth" => written("username") || written("password"),
-        "kubernetes.io/ssh-auth" => written("ssh-privatekey"),
-        "kubernetes.io/tls" => written("tls.crt") && written("tls.key"),
-        "kubernetes.io/service-account-token"
-        | "kubernetes.io/dockercfg"
-        | "kubernetes.io/dockerconfigjson"
-        | "bootstrap.kubernetes.io/token" => false,
-        _ => true,
-    };
-    if fits {
-        return Ok(());
+    if type_
+        .split_once('/')
+        .is_some_and(|(domain, _)| is_reserved(domain))
+    {
+        return Err(InvalidSpec(format!(
+            "target type {type_:?} belongs to Kubernetes or Helm, whose controllers trust              Secrets of that type; leave it unset (Opaque) or use a type of your own such as              example.com/scg-token"
+        )));
     }
-    Err(InvalidSpec(format!(
-        "target type {type_:?} needs data the operator does not write; leave it unset \
-         (Opaque) or use a type of your own such as example.com/scg-token"
-    )))
+    Ok(())
 }
 
 /// A DNS-1123 subdomain, as Secret names must be.
@@ -150,8 +179,12 @@ mod tests {
             }),
             target(|t| t.type_ = Some("Opaque".into())),
             target(|t| {
-                t.type_ = Some("kubernetes.io/basic-auth".into());
-                t.token_key = "password".into();
+                t.name = Some("sh.helm.releases-of-mine".into());
+                t.labels.insert("owner".into(), "helm".into());
+                t.labels
+                    .insert("example.io/kubernetes.io".into(), "x".into());
+                t.annotations
+                    .insert("notkubernetes.io/x".into(), "y".into());
             }),
         ];
         for t in good {
@@ -190,17 +223,67 @@ mod tests {
                 "annotation",
                 target(|t| drop(t.annotations.insert("/x".into(), "v".into()))),
             ),
+        ];
+        for (want, t) in bad {
+            let err = check(&t).expect_err(want).0;
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn refuses_a_target_that_passes_for_another_tools_secret() {
+        let type_ = |v: &str| {
+            let v = v.to_string();
+            target(move |t| t.type_ = Some(v))
+        };
+        let label = |k: &str| {
+            let k = k.to_string();
+            target(move |t| drop(t.labels.insert(k, "x".into())))
+        };
+        let annotation = |k: &str| {
+            let k = k.to_string();
+            target(move |t| drop(t.annotations.insert(k, "x".into())))
+        };
+        let bad = [
+            ("belongs to Kubernetes or Helm", type_("helm.sh/release.v1")),
+            ("belongs to Kubernetes or Helm", type_("kubernetes.io/tls")),
             (
-                "needs data",
-                target(|t| t.type_ = Some("kubernetes.io/tls".into())),
+                "belongs to Kubernetes or Helm",
+                type_("kubernetes.io/basic-auth"),
             ),
             (
-                "needs data",
-                target(|t| t.type_ = Some("kubernetes.io/dockerconfigjson".into())),
+                "belongs to Kubernetes or Helm",
+                type_("kubernetes.io/service-account-token"),
             ),
             (
-                "needs data",
-                target(|t| t.type_ = Some("kubernetes.io/basic-auth".into())),
+                "belongs to Kubernetes or Helm",
+                type_("bootstrap.kubernetes.io/token"),
+            ),
+            (
+                "reserved for Helm",
+                target(|t| t.name = Some("sh.helm.release.v1.payments.v9".into())),
+            ),
+            ("reserved prefix helm.sh/", label("helm.sh/chart")),
+            (
+                "reserved prefix app.kubernetes.io/",
+                label("app.kubernetes.io/managed-by"),
+            ),
+            (
+                "reserved prefix kubernetes.io/",
+                label("kubernetes.io/service-account.name"),
+            ),
+            ("reserved prefix node.k8s.io/", label("node.k8s.io/x")),
+            (
+                "reserved prefix meta.helm.sh/",
+                annotation("meta.helm.sh/release-name"),
+            ),
+            (
+                "reserved prefix scgtoken.io/",
+                annotation("scgtoken.io/owner"),
+            ),
+            (
+                "reserved prefix scgtoken.io/",
+                annotation("scgtoken.io/owner-uid"),
             ),
         ];
         for (want, t) in bad {

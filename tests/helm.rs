@@ -274,9 +274,13 @@ fn assert_same_substance(helm: &[Value], kustomize: &[Value]) {
     for o in helm {
         let ns = get(o, "metadata.namespace").as_str();
         match get(o, "kind").as_str() {
-            Some("CustomResourceDefinition" | "ClusterRole" | "ClusterRoleBinding") => {
-                assert_eq!(ns, None, "{o:?}")
-            }
+            Some(
+                "CustomResourceDefinition"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "ValidatingAdmissionPolicy"
+                | "ValidatingAdmissionPolicyBinding",
+            ) => assert_eq!(ns, None, "{o:?}"),
             Some("Role" | "RoleBinding") => assert!(ns.is_some(), "{o:?}"),
             _ => assert_eq!(ns, Some(NAMESPACE), "{o:?}"),
         }
@@ -523,6 +527,53 @@ fn consumer_switches_match_the_kustomize_components() {
             "namespaced mode lacks {verb} on {resource}"
         );
     }
+}
+
+/// The objects of `kind` in a rendering.
+fn all_of<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objs.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+#[test]
+#[ignore = "needs helm: run testenv/helm/build"]
+fn report_policy_matches_the_component_and_follows_the_reports_switch() {
+    let (policy, binding) = (
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    );
+    assert!(
+        all_of(&chart(&[]), policy).is_empty(),
+        "off with reports off"
+    );
+    let helm = chart(&["--set", "consumers.reports=true"]);
+    let kust = kustomize_with(&["consumer-reports"]);
+    let (hp, kp) = (all_of(&helm, policy), all_of(&kust, policy));
+    assert_eq!((hp.len(), kp.len()), (1, 1));
+    assert_eq!(
+        difference(&hp[0]["spec"], &kp[0]["spec"], "spec"),
+        None,
+        "the chart's report policy differs from deploy/components/consumer-reports"
+    );
+    let (hb, kb) = (all_of(&helm, binding), all_of(&kust, binding));
+    assert_eq!((hb.len(), kb.len()), (1, 1));
+    assert_eq!(hb[0]["spec"]["policyName"], hp[0]["metadata"]["name"]);
+    assert_eq!(
+        hb[0]["spec"]["validationActions"],
+        kb[0]["spec"]["validationActions"]
+    );
+    assert!(hb[0]["spec"]["matchResources"].is_null(), "every namespace");
+    let namespaced = chart(&[
+        "--set",
+        "consumers.reports=true",
+        "--set",
+        "namespaced.enabled=true",
+    ]);
+    let nb = all_of(&namespaced, binding);
+    assert_eq!(
+        nb[0]["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        NAMESPACE,
+        "namespaced: the watched namespace only"
+    );
 }
 
 #[test]

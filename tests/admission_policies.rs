@@ -420,3 +420,165 @@ fn only_a_token_agent_writes_its_own_pods_report() {
     election["metadata"]["labels"] = json!({"app": "payments"});
     try_create(&tenant, &election).expect("a Lease without the report label");
 }
+
+/// The operator's ServiceAccount as deploy/ names it, created if this server lacks it.
+/// Left in place: other tests of the lane may use the same namespace.
+fn operator_account() {
+    for args in [
+        &["create", "namespace", "scg-token-operator"][..],
+        &[
+            "-n",
+            "scg-token-operator",
+            "create",
+            "serviceaccount",
+            "scg-token-operator",
+        ][..],
+    ] {
+        let run = kubectl(&As::Admin, args, None);
+        assert!(
+            run.ok || run.out.contains("AlreadyExists"),
+            "{args:?}: {}",
+            run.out
+        );
+    }
+}
+
+/// A dry-run merge patch of `kind/name` as `who`: `Ok` when admitted, else the refusal.
+fn try_patch(who: &As, namespace: &str, target: &str, patch: Value) -> Result<(), String> {
+    let patch = patch.to_string();
+    let args = [
+        "-n",
+        namespace,
+        "patch",
+        target,
+        "--dry-run=server",
+        "--type=merge",
+        "-p",
+        &patch,
+    ];
+    let run = kubectl(who, &args, None);
+    if run.ok { Ok(()) } else { Err(run.out) }
+}
+
+#[test]
+#[cfg_attr(
+    not(real_cluster),
+    ignore = "needs a real API server: testenv/run -- cargo test --test admission_policies"
+)]
+fn the_operators_account_changes_only_scgtoken_annotations_of_workloads_and_pods() {
+    let ns = format!("workloads-{}", std::process::id());
+    admin(&["create", "namespace", &ns]);
+    let _restarts = install_policy("deploy/components/rollout-restart/restart-policy.yaml", &ns);
+    let _nudges = install_policy("deploy/components/consumer-nudge/nudge-policy.yaml", &ns);
+    operator_account();
+    // The grants of the two components, here in the test's namespace.
+    admin(&[
+        "-n",
+        &ns,
+        "create",
+        "role",
+        "operator",
+        "--verb=get,patch",
+        "--resource=pods,deployments.apps,statefulsets.apps,daemonsets.apps",
+    ]);
+    admin(&[
+        "-n",
+        &ns,
+        "create",
+        "rolebinding",
+        "operator",
+        "--role=operator",
+        "--serviceaccount=scg-token-operator:scg-token-operator",
+    ]);
+    admin(&[
+        "-n",
+        &ns,
+        "create",
+        "deployment",
+        "payments",
+        "--image=payments:1",
+    ]);
+    admin(&["-n", &ns, "create", "serviceaccount", "agent"]);
+    pod(&ns, "consumer-1");
+    let operator = As::Token(
+        admin(&[
+            "-n",
+            "scg-token-operator",
+            "create",
+            "token",
+            "scg-token-operator",
+        ])
+        .trim()
+        .to_string(),
+    );
+    let template = |annotations: Value| json!({"spec": {"template": {"metadata": {"annotations": annotations}}}});
+    let image = json!({"spec": {"template": {"spec": {"containers": [{"name": "payments", "image": "evil:1"}]}}}});
+    let restart = template(
+        json!({"scgtoken.io/restarted-for": "3f2a", "scgtoken.io/restarted-at": "2026-12-07T00:00:00Z"}),
+    );
+
+    // The finding: the operator's account changed a workload's image.
+    let deadline = Instant::now() + PATIENCE;
+    while try_patch(&operator, &ns, "deployment/payments", image.clone()).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the restart policy is not enforced after {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let refusal = try_patch(&operator, &ns, "deployment/payments", image.clone()).unwrap_err();
+    assert!(
+        refusal.contains("only scgtoken.io/ annotations of a pod template"),
+        "{refusal}"
+    );
+    // What a rollout restart is: admitted.
+    try_patch(&operator, &ns, "deployment/payments", restart).expect("a rollout restart");
+    let refused = [
+        ("replicas", json!({"spec": {"replicas": 0}})),
+        (
+            "another template annotation",
+            template(json!({"kubectl.kubernetes.io/restartedAt": "now"})),
+        ),
+        (
+            "a template label",
+            json!({"spec": {"template": {"metadata": {"labels": {"app": "evil"}}}}}),
+        ),
+        (
+            "the workload's labels",
+            json!({"metadata": {"labels": {"team": "evil"}}}),
+        ),
+    ];
+    for (what, patch) in refused {
+        try_patch(&operator, &ns, "deployment/payments", patch).expect_err(what);
+    }
+
+    // Pods: the nudge annotation only.
+    try_patch(
+        &operator,
+        &ns,
+        "pod/consumer-1",
+        json!({"metadata": {"annotations": {"scgtoken.io/nudged-for": "3f2a"}}}),
+    )
+    .expect("a nudge");
+    for (what, patch) in [
+        ("a label", json!({"metadata": {"labels": {"app": "evil"}}})),
+        (
+            "another annotation",
+            json!({"metadata": {"annotations": {"prometheus.io/scrape": "false"}}}),
+        ),
+        (
+            "the image",
+            json!({"spec": {"containers": [{"name": "agent", "image": "evil:1"}]}}),
+        ),
+    ] {
+        let refusal = try_patch(&operator, &ns, "pod/consumer-1", patch).expect_err(what);
+        assert!(
+            refusal.contains("only scgtoken.io/ annotations of a pod")
+                || refusal.contains("Forbidden"),
+            "{what}: {refusal}"
+        );
+    }
+
+    // Anybody else is none of these policies' business.
+    try_patch(&As::Admin, &ns, "deployment/payments", image).expect("the admin changes the image");
+}

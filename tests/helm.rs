@@ -432,8 +432,11 @@ fn service_monitor_matches_the_prometheus_overlay() {
 /// `kubectl kustomize` of the base with the given components, from a kustomization
 /// written under the test's scratch directory (kustomize takes relative paths only).
 fn kustomize_with(components: &[&str]) -> Vec<Value> {
+    // One directory per call: tests run in parallel and may ask for the same components.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "helm-components-{}-{}",
+        "helm-components-{}-{call}-{}",
         std::process::id(),
         components.join("+")
     ));
@@ -536,23 +539,36 @@ fn all_of<'a>(objs: &'a [Value], kind: &str) -> Vec<&'a Value> {
 
 #[test]
 #[ignore = "needs helm: run testenv/helm/build"]
-fn report_policy_matches_the_component_and_follows_the_reports_switch() {
+fn admission_policies_match_the_components_and_follow_their_switches() {
+    assert!(
+        all_of(&chart(&[]), "ValidatingAdmissionPolicy").is_empty(),
+        "none with every switch off"
+    );
+    for (value, component) in [
+        ("consumers.reports", "consumer-reports"),
+        ("consumers.podNudges", "consumer-nudge"),
+        ("consumers.rolloutRestarts", "rollout-restart"),
+    ] {
+        policy_matches(value, component);
+    }
+}
+
+/// With `value` on, the chart's policy and binding are the component's, and namespaced
+/// they bind the watched namespace only.
+fn policy_matches(value: &str, component: &str) {
     let (policy, binding) = (
         "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding",
     );
-    assert!(
-        all_of(&chart(&[]), policy).is_empty(),
-        "off with reports off"
-    );
-    let helm = chart(&["--set", "consumers.reports=true"]);
-    let kust = kustomize_with(&["consumer-reports"]);
+    let on = format!("{value}=true");
+    let helm = chart(&["--set", &on]);
+    let kust = kustomize_with(&[component]);
     let (hp, kp) = (all_of(&helm, policy), all_of(&kust, policy));
     assert_eq!((hp.len(), kp.len()), (1, 1));
     assert_eq!(
         difference(&hp[0]["spec"], &kp[0]["spec"], "spec"),
         None,
-        "the chart's report policy differs from deploy/components/consumer-reports"
+        "the chart's policy for {value} differs from deploy/components/{component}"
     );
     let (hb, kb) = (all_of(&helm, binding), all_of(&kust, binding));
     assert_eq!((hb.len(), kb.len()), (1, 1));
@@ -562,12 +578,7 @@ fn report_policy_matches_the_component_and_follows_the_reports_switch() {
         kb[0]["spec"]["validationActions"]
     );
     assert!(hb[0]["spec"]["matchResources"].is_null(), "every namespace");
-    let namespaced = chart(&[
-        "--set",
-        "consumers.reports=true",
-        "--set",
-        "namespaced.enabled=true",
-    ]);
+    let namespaced = chart(&["--set", &on, "--set", "namespaced.enabled=true"]);
     let nb = all_of(&namespaced, binding);
     assert_eq!(
         nb[0]["spec"]["matchResources"]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],

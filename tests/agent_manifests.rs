@@ -119,7 +119,48 @@ fn check_sidecar<'a>(pod: &'a Value, secret: &str) -> Vec<&'a str> {
     assert_eq!(get(sc, "allowPrivilegeEscalation").as_bool(), Some(false));
     assert_eq!(get(sc, "readOnlyRootFilesystem").as_bool(), Some(true));
     assert_eq!(strs(get(sc, "capabilities.drop")), ["ALL"]);
+    check_agent_only_credentials(pod);
     args
+}
+
+/// Where a container would find the pod's ServiceAccount token.
+const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// Only the agent holds Kubernetes credentials: the pod mounts no token, and a projected
+/// one (a pod-bound token, the cluster CA, the namespace) is mounted in the agent's
+/// container alone. The application can neither read the target Secret nor write a
+/// report Lease.
+fn check_agent_only_credentials(pod: &Value) {
+    assert_eq!(
+        get(pod, "automountServiceAccountToken").as_bool(),
+        Some(false),
+        "the pod mounts no ServiceAccount token into every container"
+    );
+    let volume = seq(get(pod, "volumes"))
+        .iter()
+        .find(|v| !get(v, "projected").is_null())
+        .expect("a projected token volume");
+    let sources = seq(get(volume, "projected.sources"));
+    assert!(
+        sources
+            .iter()
+            .any(|s| !get(s, "serviceAccountToken").is_null()),
+        "a projected ServiceAccount token"
+    );
+    let name = get(volume, "name");
+    let containers = seq(get(pod, "initContainers"))
+        .iter()
+        .chain(seq(get(pod, "containers")).iter());
+    for c in containers {
+        let mounts = seq(get(c, "volumeMounts"));
+        let mounted = mounts.iter().any(|m| get(m, "name") == name);
+        let is_agent = get(c, "name") == "scg-token-agent";
+        assert_eq!(mounted, is_agent, "{}: token mounted", s(c, "name"));
+        if is_agent {
+            let m = mounts.iter().find(|m| get(m, "name") == name).unwrap();
+            assert_eq!(s(m, "mountPath"), TOKEN_DIR);
+        }
+    }
 }
 
 fn target_secret() -> String {

@@ -237,7 +237,15 @@ async fn under_warn_a_secret_not_opted_in_is_used_and_reported() {
     let ca_path = ca.path().display().to_string();
     let op = env.operator(&["--ca-bundle", &ca_path, "--credentials-policy=warn"]);
 
-    let token = refreshed(&env, "messaging", &seed).await;
+    let first = refreshed(&env, "messaging", &seed).await;
+    // And it goes on: the next refresh, asked for now.
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        REFRESH_REQUEST_ANNOTATION: "under-warn"}}});
+    env.tokens()
+        .patch("messaging", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("ask for a refresh");
+    let token = refreshed(&env, "messaging", &first).await;
     assert!(env.sim.is_valid(&token));
     let (status, reason, message) = env
         .eventually("the CredentialsAllowed condition", || {
@@ -322,10 +330,17 @@ async fn a_chain_from_warn_mode_continues_under_enforce_after_opting_in() {
         .expect("ask for a refresh");
     let second = refreshed(&env, "messaging", &first).await;
 
+    // The scheduled refresh may come too: the new token descends from the old one,
+    // the old one from the seed, in one chain.
     let chain = descendants(&env.sim.refresh_log(), &seed);
+    let at = |t: &str| chain.iter().position(|c| c == t);
     assert_eq!(
-        chain.get(1..3),
-        Some(&[first.clone(), second.clone()][..]),
+        at(&first),
+        Some(1),
+        "the first token is not the seed's successor"
+    );
+    assert!(
+        at(&second) > at(&first),
         "the token after the upgrade does not descend from the one before it"
     );
     assert!(
@@ -345,4 +360,26 @@ async fn a_chain_from_warn_mode_continues_under_enforce_after_opting_in() {
     })
     .await;
     env.finish().await;
+}
+
+/// A list the operator cannot use stops it at start, naming the flag and the entry.
+#[test]
+fn a_bad_allowed_endpoints_list_stops_the_operator_at_start() {
+    for (list, why) in [
+        ("https://api.syniverse.com", "not the URL"),
+        ("*", "wildcard"),
+        ("", "no host given"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_scg-token-operator"))
+            .args(["run", &format!("--allowed-endpoints={list}")])
+            .env_clear()
+            .output()
+            .expect("run the operator");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{list:?} was accepted");
+        assert!(
+            stderr.contains("--allowed-endpoints") && stderr.contains(why),
+            "{list:?}: {stderr}"
+        );
+    }
 }

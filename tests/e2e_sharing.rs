@@ -221,6 +221,38 @@ async fn refreshed(env: &Env, name: &str, from: &str) -> String {
     .await
 }
 
+/// A ScgToken refused for a Secret that is not opted in starts as soon as the Secret's
+/// owner opts it in: the label is a change the operator watches, no restart needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opting_a_secret_in_starts_its_scgtoken() {
+    let env = Env::start(tls()).await;
+    let ca = ca_file(&env.sim);
+    let seed = env
+        .sim
+        .add_app(CONSUMER_KEY, common::harness::CONSUMER_SECRET);
+    env.put_credentials_opted("creds", CONSUMER_KEY, &seed, false)
+        .await;
+    env.scgtoken("messaging", "creds", |_| {}).await;
+    let ca_path = ca.path().display().to_string();
+    let _op = env.operator(&["--ca-bundle", &ca_path]);
+
+    let (_, reason, message) = env
+        .eventually("a Ready condition", || ready(&env, "messaging"))
+        .await;
+    assert_eq!(reason, "CredentialsNotAllowed", "{message}");
+    assert!(
+        message.contains("label it scgtoken.io/credentials=true")
+            && message.contains("scgtoken.io/allowed-scgtokens=\"messaging\""),
+        "{message}"
+    );
+    assert_eq!(env.sim.refresh_calls(), 0);
+
+    opt_in(&env, "creds").await;
+    let token = refreshed(&env, "messaging", &seed).await;
+    assert!(env.sim.is_valid(&token));
+    env.finish().await;
+}
+
 /// Under `--credentials-policy=warn` a Secret that is not opted in is still used, and
 /// the ScgToken says so: a condition, a Warning Event, a metric. Opting the Secret in
 /// clears the condition and the metric.

@@ -579,7 +579,10 @@ fn unsafe_or_misspelled_values_are_refused() {
     for (value, name) in [
         ("credentialsPolicy=off", "credentialsPolicy"),
         ("allowedEndpoints=[]", "allowedEndpoints"),
-        (r#"allowedEndpoints=["https://api.syniverse.com"]"#, "allowedEndpoints"),
+        (
+            r#"allowedEndpoints=["https://api.syniverse.com"]"#,
+            "allowedEndpoints",
+        ),
         (r#"allowedEndpoints=["*"]"#, "allowedEndpoints"),
     ] {
         let err = helm_template(&["--set-json", value]).unwrap_err();

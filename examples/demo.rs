@@ -26,6 +26,7 @@ use kube::{
 };
 use scg_token_operator::{
     Config,
+    access::{self, AllowedEndpoints, CredentialsPolicy},
     crd::{ScgToken, ScgTokenSpec},
     policy::SystemClock,
     scg::HttpTokenApi,
@@ -77,7 +78,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("voice", "demo-voice-app", Some("4s")),
     ] {
         let seed = sim.add_app(key, "demo-consumer-secret");
-        let credentials = Secret {
+        let mut credentials = Secret {
             metadata: ObjectMeta {
                 name: Some(format!("{name}-credentials")),
                 ..Default::default()
@@ -94,6 +95,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
             ..Default::default()
         };
+        // The label that lets the operator read the Secret as credentials.
+        access::opt_in(&mut credentials.metadata);
         secrets.create(&PostParams::default(), &credentials).await?;
         let mut spec = ScgTokenSpec::new(&format!("{name}-credentials"));
         spec.endpoint = sim.refresh_url();
@@ -110,6 +113,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Config {
             namespace: None,
             allow_insecure: true,
+            allowed_endpoints: AllowedEndpoints::parse("127.0.0.1")?,
+            credentials_policy: CredentialsPolicy::Enforce,
             admin_addr: None,
             election: None,
             identity: "demo".into(),

@@ -18,6 +18,7 @@ use kube::{Api, Resource, ResourceExt, api::PostParams};
 use sha2::{Digest, Sha256};
 
 use crate::{
+    access::{self, CredentialsPolicy},
     crd::{
         ADOPT_TARGET_ANNOTATION, DeletionPolicy, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
         OWNER_ANNOTATION, OWNER_UID_ANNOTATION, ScgToken,
@@ -44,6 +45,9 @@ pub struct Credentials {
     pub seed: SecretString,
     /// Extra request headers from `headersFrom`.
     pub headers: Vec<(String, SecretString)>,
+    /// The Secrets read although they are not opted in (`--credentials-policy=warn`),
+    /// each described for users: what it is and how to opt it in.
+    pub not_opted_in: Vec<String>,
 }
 
 /// A token and what is known of it.
@@ -93,6 +97,10 @@ impl Target {
 pub enum LoadError {
     #[error("{0}")]
     Missing(String),
+    /// The Secret exists and is not opted in for this ScgToken
+    /// ([`access::opted_in`]); nothing of its data was looked at.
+    #[error("{0}")]
+    NotAllowed(String),
     #[error(transparent)]
     Kube(#[from] kube::Error),
 }
@@ -176,27 +184,59 @@ fn credential(secret: &Secret, what: &str, key: &str) -> Result<SecretString, Lo
     })
 }
 
-/// Reads the credentials Secret (and the `headersFrom` Secret, if any).
+/// Whether `secret` (described by `what`) may be read for `owner`: opted in, or
+/// `policy` is `warn` (then it is noted in `not_opted_in`). Checked before any key is
+/// looked at, so that a refusal says nothing about what the Secret holds.
+fn admit(
+    secret: &Secret,
+    what: &str,
+    owner: &ScgToken,
+    policy: CredentialsPolicy,
+    not_opted_in: &mut Vec<String>,
+) -> Result<(), LoadError> {
+    let name = owner.name_any();
+    if access::opted_in(secret, &name) {
+        return Ok(());
+    }
+    let message = access::not_opted_in_message(what, &name);
+    match policy {
+        CredentialsPolicy::Enforce => Err(LoadError::NotAllowed(message)),
+        CredentialsPolicy::Warn => {
+            if !not_opted_in.contains(&message) {
+                not_opted_in.push(message);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads the credentials Secret (and the `headersFrom` Secret, if any), each only if it
+/// is opted in for `owner` or `policy` says to use it anyway.
 pub async fn load_credentials(
     api: &Api<Secret>,
     owner: &ScgToken,
+    policy: CredentialsPolicy,
 ) -> Result<Credentials, LoadError> {
     let r = &owner.spec.credentials_secret_ref;
     let secret = bounded(api.get_opt(&r.name))
         .await?
         .ok_or_else(|| LoadError::Missing(format!("credentials Secret {:?} not found", r.name)))?;
     let what = format!("credentials Secret {:?}", r.name);
+    let mut not_opted_in = Vec::new();
+    admit(&secret, &what, owner, policy, &mut not_opted_in)?;
     let mut credentials = Credentials {
         consumer_key: credential(&secret, &what, &r.consumer_key_key)?,
         consumer_secret: credential(&secret, &what, &r.consumer_secret_key)?,
         seed: credential(&secret, &what, &r.access_token_key)?,
         headers: Vec::new(),
+        not_opted_in,
     };
     if let Some(h) = &owner.spec.headers_from {
         let secret = bounded(api.get_opt(&h.name))
             .await?
             .ok_or_else(|| LoadError::Missing(format!("headers Secret {:?} not found", h.name)))?;
         let what = format!("headers Secret {:?}", h.name);
+        admit(&secret, &what, owner, policy, &mut credentials.not_opted_in)?;
         // Every key is a header: one left out silently would fail the call later with an
         // error about the credentials.
         for key in secret.data.iter().flat_map(|d| d.keys()) {

@@ -6,6 +6,7 @@
 //! [`k8s`] bounds every Kubernetes request in time.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod budget;
@@ -66,6 +67,10 @@ pub struct Config {
     pub namespace: Option<String>,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
+    /// The hosts refresh calls may go to (`--allowed-endpoints`).
+    pub allowed_endpoints: access::AllowedEndpoints,
+    /// What to do with a credentials Secret that is not opted in.
+    pub credentials_policy: access::CredentialsPolicy,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; `None` serves nothing.
     pub admin_addr: Option<SocketAddr>,
     /// Leader election; `None` makes this replica always lead.
@@ -134,6 +139,8 @@ pub async fn run(
         metrics,
         leadership,
         allow_insecure: config.allow_insecure,
+        allowed_endpoints: config.allowed_endpoints,
+        credentials_policy: config.credentials_policy,
         tokens,
     })
     .with_budget(budget)

@@ -4,7 +4,14 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use scg_token_operator::{Config, agent, crd, leader::ElectionConfig, policy, scg::HttpTokenApi};
+use scg_token_operator::{
+    Config,
+    access::{self, AllowedEndpoints, CredentialsPolicy},
+    agent, crd,
+    leader::ElectionConfig,
+    policy,
+    scg::HttpTokenApi,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Keeps Syniverse SCG access tokens fresh in Kubernetes Secrets.
@@ -18,7 +25,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the ScgToken CustomResourceDefinition as YAML.
     Crd,
     /// Run the token agent: a sidecar serving one target Secret's token to its pod, in
@@ -35,6 +42,17 @@ struct RunArgs {
     /// carries the consumer secret.
     #[arg(long, env = "SCG_ALLOW_INSECURE_ENDPOINTS")]
     allow_insecure_endpoints: bool,
+    /// Hosts refresh calls may go to, comma-separated: `host` (any port) or `host:port`;
+    /// a leading `*.` allows every name below a domain (`*.example.com`, not
+    /// `example.com`). A ScgToken whose endpoint names another host is refused
+    /// (InvalidSpec) and sends nothing.
+    #[arg(long, env = "SCG_ALLOWED_ENDPOINTS", value_name = "HOSTS", default_value = access::DEFAULT_ALLOWED_ENDPOINTS, value_parser = AllowedEndpoints::parse)]
+    allowed_endpoints: AllowedEndpoints,
+    /// What to do with a credentials or headers Secret that is not opted in (label
+    /// scgtoken.io/credentials=true, or annotation scgtoken.io/allowed-scgtokens naming
+    /// the ScgToken): `enforce` refuses it; `warn` uses it and reports it (for upgrades).
+    #[arg(long, env = "SCG_CREDENTIALS_POLICY", value_enum, default_value_t = CredentialsPolicy::Enforce)]
+    credentials_policy: CredentialsPolicy,
     /// PEM file of CA certificates to trust for the SCG API, in addition to the
     /// platform's root certificates (a private CA, or a TLS-inspecting proxy's CA).
     #[arg(long, env = "SCG_CA_BUNDLE", value_name = "FILE")]
@@ -174,9 +192,18 @@ async fn run(args: RunArgs) -> Result<(), String> {
     });
     let token_api =
         HttpTokenApi::with_ca_bundle(args.ca_bundle.as_deref()).map_err(|e| e.to_string())?;
+    tracing::info!(allowed_endpoints = %args.allowed_endpoints, "refresh calls may go to these hosts only");
+    if args.credentials_policy == CredentialsPolicy::Warn {
+        tracing::warn!(
+            "--credentials-policy=warn: Secrets that are not opted in are used as credentials \
+             (condition CredentialsAllowed, metric scgtoken_credentials_not_allowed)"
+        );
+    }
     let config = Config {
         namespace: args.namespace.filter(|n| !n.is_empty()),
         allow_insecure: args.allow_insecure_endpoints,
+        allowed_endpoints: args.allowed_endpoints,
+        credentials_policy: args.credentials_policy,
         admin_addr: Some(args.admin_addr),
         election,
         identity,
@@ -217,7 +244,7 @@ async fn main() -> ExitCode {
             print!("{}", crd::crd_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Agent(args) => run_agent(*args).await,
     };
     match result {

@@ -25,6 +25,9 @@ pub enum Reason {
     /// A token was received and is held in memory until the target Secret accepts it.
     Pending,
     CredentialsNotFound,
+    /// The credentials or headers Secret is not opted in for this ScgToken (label
+    /// `scgtoken.io/credentials`, annotation `scgtoken.io/allowed-scgtokens`).
+    CredentialsNotAllowed,
     InvalidSpec,
     /// The API refused the refresh (4xx).
     Rejected,
@@ -44,10 +47,11 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, for reading one back from a stored condition.
-    pub const ALL: [Reason; 11] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Refreshed,
         Reason::Pending,
         Reason::CredentialsNotFound,
+        Reason::CredentialsNotAllowed,
         Reason::InvalidSpec,
         Reason::Rejected,
         Reason::ChainBroken,
@@ -63,6 +67,7 @@ impl Reason {
             Reason::Refreshed => "Refreshed",
             Reason::Pending => "Pending",
             Reason::CredentialsNotFound => "CredentialsNotFound",
+            Reason::CredentialsNotAllowed => "CredentialsNotAllowed",
             Reason::InvalidSpec => "InvalidSpec",
             Reason::Rejected => "Rejected",
             Reason::ChainBroken => "ChainBroken",
@@ -158,6 +163,9 @@ pub struct Metrics {
     pub budget_pauses: Counter,
     /// `scgtoken_consumers{namespace,name,state}`.
     pub consumers: crate::consumers::ConsumerMetrics,
+    /// 1 for each ScgToken whose credentials or headers Secret is not opted in; no
+    /// series for the others.
+    pub credentials_not_allowed: Family<TokenLabels, Gauge>,
 }
 
 impl Metrics {
@@ -177,6 +185,7 @@ impl Metrics {
             budget_waits: Counter::default(),
             budget_pauses: Counter::default(),
             consumers: crate::consumers::ConsumerMetrics::register(registry),
+            credentials_not_allowed: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("scgtoken");
         r.register_collector(Box::new(m.tokens.clone()));
@@ -213,6 +222,12 @@ impl Metrics {
             m.budget_waits.clone(),
         );
         r.register(
+            "credentials_not_allowed",
+            "1 for each ScgToken whose credentials or headers Secret is not opted in \
+             (label scgtoken.io/credentials, annotation scgtoken.io/allowed-scgtokens)",
+            m.credentials_not_allowed.clone(),
+        );
+        r.register(
             "refresh_budget_pauses",
             "HTTP 429 answers that paused every refresh through their endpoint",
             m.budget_pauses.clone(),
@@ -245,9 +260,19 @@ impl Metrics {
         }
     }
 
+    /// Publishes whether the ScgToken's Secrets are opted in: a series only when not.
+    pub fn set_credentials_not_allowed(&self, labels: &TokenLabels, not_allowed: bool) {
+        if not_allowed {
+            self.credentials_not_allowed.get_or_create(labels).set(1);
+        } else {
+            self.credentials_not_allowed.remove(labels);
+        }
+    }
+
     /// Drops the series of a deleted ScgToken.
     pub fn forget(&self, labels: &TokenLabels) {
         self.tokens.lock().remove(labels);
+        self.credentials_not_allowed.remove(labels);
         self.consumers.forget(&labels.namespace, &labels.name);
     }
 }

@@ -56,6 +56,15 @@ impl fmt::Debug for Endpoint {
 }
 
 impl Endpoint {
+    /// The host as the URL spells it (lower case, IPv6 in brackets) and the port the
+    /// call goes to (the scheme's default when none is given).
+    pub fn host_port(&self) -> (&str, u16) {
+        (
+            self.0.host_str().unwrap_or(""),
+            self.0.port_or_known_default().unwrap_or(0),
+        )
+    }
+
     /// Checks a `spec.endpoint`. Plain http is accepted only with `allow_insecure`.
     pub fn parse(s: &str, allow_insecure: bool) -> Result<Endpoint, String> {
         // The input is not echoed: a malformed URL may carry credentials.
@@ -134,7 +143,64 @@ pub struct Refreshed {
     pub lifetime: Duration,
 }
 
-/// Why a refresh call failed. Messages hold no URL, body or credential.
+/// Why a refresh call got no answer, as status and Events tell it: a class, never the
+/// remote side's words. The endpoint is chosen by whoever writes the ScgToken, so what a
+/// failed call shows must not make the operator a probe of hosts and ports (which
+/// certificate, which socket error, which bytes came back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// The TLS handshake failed (an untrusted or wrong certificate, a TLS alert).
+    Tls,
+    /// The endpoint's host name did not resolve.
+    Dns,
+    /// No connection could be opened (refused, unreachable, connect timeout).
+    Connect,
+    /// The egress proxy (`HTTPS_PROXY`) asked for credentials it did not get.
+    ProxyAuth,
+    /// The egress proxy did not open a tunnel for another reason.
+    Proxy,
+    /// The connection broke before the whole response arrived.
+    BrokeOff,
+    /// An extra header from `headersFrom` could not be sent.
+    Header,
+    /// Anything else on the way.
+    Other,
+}
+
+impl fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Unreachable::Tls => {
+                "TLS handshake failed (if the endpoint, or an egress proxy that inspects \
+                 TLS, uses a private CA, the operator needs it in --ca-bundle; its log \
+                 says which check failed)"
+            }
+            Unreachable::Dns => "the endpoint's host name could not be resolved",
+            Unreachable::Connect => "connection failed",
+            Unreachable::ProxyAuth => {
+                "the egress proxy did not open a tunnel: proxy authorization required \
+                 (check the user and password in HTTPS_PROXY)"
+            }
+            Unreachable::Proxy => "the egress proxy did not open a tunnel",
+            Unreachable::BrokeOff => "the response broke off",
+            Unreachable::Header => "an extra header from headersFrom is invalid",
+            Unreachable::Other => "the request failed",
+        })
+    }
+}
+
+/// A call that got no answer: its class, and the HTTP client's words for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportFailure {
+    pub class: Unreachable,
+    /// What the HTTP client said, for the operator's log only ([`RefreshError::detail`]):
+    /// never a URL, but possibly the remote side's words.
+    pub detail: Option<String>,
+}
+
+/// Why a refresh call failed. Messages hold no URL, body or credential, and what they
+/// say of the remote side is a class: the HTTP status, [`Unreachable`], a timeout, or
+/// which part of a 2xx body is not a token response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RefreshError {
     #[error(
@@ -151,8 +217,8 @@ pub enum RefreshError {
     },
     #[error("the refresh call got no answer within {0:?}")]
     Timeout(Duration),
-    #[error("the SCG API could not be reached: {0}")]
-    Transport(String),
+    #[error("the SCG API could not be reached: {}", .0.class)]
+    Transport(TransportFailure),
     #[error("the SCG API answered with a body that is not a token response: {0}")]
     InvalidResponse(&'static str),
 }
@@ -168,6 +234,20 @@ impl RefreshError {
             RefreshError::Transport(_) => "transport",
             RefreshError::InvalidResponse(_) => "invalid_response",
         }
+    }
+
+    /// The message with the HTTP client's detail, for the operator's own log line.
+    pub fn detail(&self) -> String {
+        match self {
+            RefreshError::Transport(TransportFailure {
+                detail: Some(d), ..
+            }) => format!("{self} ({d})"),
+            other => other.to_string(),
+        }
+    }
+
+    fn transport(class: Unreachable, detail: Option<String>) -> Self {
+        RefreshError::Transport(TransportFailure { class, detail })
     }
 }
 
@@ -271,10 +351,12 @@ impl HttpTokenApi {
             .timeout(req.timeout)
             .header(reqwest::header::ACCEPT, "application/json");
         for (name, value) in req.headers {
+            let invalid =
+                |what: &str| RefreshError::transport(Unreachable::Header, Some(what.into()));
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| RefreshError::Transport("an extra header name is invalid".into()))?;
+                .map_err(|_| invalid("a header name is invalid"))?;
             let mut value = reqwest::header::HeaderValue::from_str(value.expose())
-                .map_err(|_| RefreshError::Transport("an extra header value is invalid".into()))?;
+                .map_err(|_| invalid("a header value is invalid"))?;
             value.set_sensitive(true);
             builder = builder.header(name, value);
         }
@@ -371,10 +453,10 @@ fn tls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls:
     None
 }
 
-/// Says what went wrong in a TLS handshake, and what would fix it.
+/// Says what went wrong in a TLS handshake, and what would fix it (for the log).
 fn describe_tls(e: &rustls::Error) -> String {
     use rustls::CertificateError as C;
-    let why = match e {
+    match e {
         rustls::Error::InvalidCertificate(C::UnknownIssuer) => "certificate not trusted \
              (issued by an unknown CA; if the endpoint or an inspecting proxy uses a \
              private CA, pass it with --ca-bundle)"
@@ -392,32 +474,44 @@ fn describe_tls(e: &rustls::Error) -> String {
         ) => "the certificate has expired or is not yet valid".into(),
         rustls::Error::InvalidCertificate(C::Revoked) => "the certificate is revoked".into(),
         other => other.to_string(),
-    };
-    format!("TLS handshake failed: {why}")
+    }
 }
 
 /// Says why an egress proxy did not open a tunnel, if that is what `e` is. The tunnel's
 /// error type is private to hyper-util; its messages are fixed texts, with no address or
 /// credential in them.
-fn proxy_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+fn proxy_error(e: &(dyn std::error::Error + 'static)) -> Option<RefreshError> {
     let mut link = Some(e);
     for _ in 0..32 {
         let err = link?;
         if let Some(what) = err.to_string().strip_prefix("tunnel error: ") {
-            let hint = if what == "proxy authorization required" {
-                " (check the user and password in HTTPS_PROXY)".to_string()
-            } else {
-                innermost(err)
-                    .map(|d| format!(" ({d})"))
-                    .unwrap_or_default()
+            if what == "proxy authorization required" {
+                return Some(RefreshError::transport(Unreachable::ProxyAuth, None));
+            }
+            let detail = match innermost(err) {
+                Some(d) => format!("{what} ({d})"),
+                None => what.to_string(),
             };
-            return Some(format!(
-                "the egress proxy did not open a tunnel: {what}{hint}"
-            ));
+            return Some(RefreshError::transport(Unreachable::Proxy, Some(detail)));
         }
         link = err.source();
     }
     None
+}
+
+/// Whether the resolver failed: hyper-util's connector names that link "dns error".
+fn is_dns(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut link = Some(e);
+    for _ in 0..32 {
+        let Some(err) = link else {
+            return false;
+        };
+        if err.to_string() == "dns error" {
+            return true;
+        }
+        link = err.source();
+    }
+    false
 }
 
 /// Describes a reqwest error from its kind and source chain, never its URL.
@@ -427,22 +521,21 @@ fn transport(e: reqwest::Error, timeout: Duration) -> RefreshError {
     }
     let e = e.without_url();
     if let Some(tls) = tls_error(&e) {
-        return RefreshError::Transport(describe_tls(tls));
+        return RefreshError::transport(Unreachable::Tls, Some(describe_tls(tls)));
     }
     if let Some(proxy) = proxy_error(&e) {
-        return RefreshError::Transport(proxy);
+        return proxy;
     }
-    let what = if e.is_connect() {
-        "connection failed"
+    let class = if is_dns(&e) {
+        Unreachable::Dns
+    } else if e.is_connect() {
+        Unreachable::Connect
     } else if e.is_body() || e.is_decode() {
-        "the response broke off"
+        Unreachable::BrokeOff
     } else {
-        "the request failed"
+        Unreachable::Other
     };
-    match innermost(&e) {
-        Some(detail) => RefreshError::Transport(format!("{what} ({detail})")),
-        None => RefreshError::Transport(what.into()),
-    }
+    RefreshError::transport(class, innermost(&e))
 }
 
 #[derive(Deserialize)]
@@ -523,6 +616,37 @@ mod tests {
         assert!(err("https://u:p@x/").contains("credentials"));
         assert!(err("https://x/?a=b").contains("query"));
         assert_eq!(err("https://user:pw@[bad/"), "endpoint is not a valid URL");
+    }
+
+    #[test]
+    fn a_failure_shows_its_class_and_logs_its_detail() {
+        let planted = "received fatal alert: planted-remote-words";
+        for class in [
+            Unreachable::Tls,
+            Unreachable::Dns,
+            Unreachable::Connect,
+            Unreachable::Proxy,
+            Unreachable::BrokeOff,
+            Unreachable::Other,
+        ] {
+            let e = RefreshError::transport(class, Some(planted.into()));
+            let shown = e.to_string();
+            assert!(!shown.contains("planted"), "{shown}");
+            assert!(
+                shown.starts_with("the SCG API could not be reached: "),
+                "{shown}"
+            );
+            assert!(
+                e.detail().ends_with(&format!("({planted})")),
+                "{}",
+                e.detail()
+            );
+        }
+        let tls = RefreshError::transport(Unreachable::Tls, None).to_string();
+        assert!(
+            tls.contains("TLS handshake failed") && tls.contains("--ca-bundle"),
+            "{tls}"
+        );
     }
 
     #[test]

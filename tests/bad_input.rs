@@ -39,6 +39,7 @@ use kube::{
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
+    access,
     crd::{
         MANAGED_BY_LABEL, MANAGED_BY_VALUE, OWNER_ANNOTATION, OWNER_UID_ANNOTATION, ScgToken,
         ScgTokenSpec, SecretName,
@@ -165,8 +166,10 @@ impl World {
         Api::namespaced(self.client.clone(), NS)
     }
 
-    async fn put_secret(&self, name: &str, data: &Data) {
-        let secret = Secret {
+    /// Creates Secret `name` holding `data`, its metadata set by `optin` (which opts it
+    /// in for the operator or not).
+    async fn put_secret(&self, name: &str, data: &Data, optin: OptIn) {
+        let mut secret = Secret {
             metadata: meta(name),
             data: Some(
                 data.iter()
@@ -175,6 +178,7 @@ impl World {
             ),
             ..Default::default()
         };
+        optin(name, &mut secret.metadata);
         self.secrets()
             .create(&PostParams::default(), &secret)
             .await
@@ -239,6 +243,19 @@ fn meta(name: &str) -> ObjectMeta {
 /// The data of a Secret, as bytes: a row may put anything in it.
 type Data = BTreeMap<String, Vec<u8>>;
 
+/// Sets the opt-in metadata of the Secret named by the first argument.
+type OptIn = fn(&str, &mut ObjectMeta);
+
+fn opt_in_all(_: &str, meta: &mut ObjectMeta) {
+    access::opt_in(meta);
+}
+
+fn annotate_allowed(meta: &mut ObjectMeta, names: &str) {
+    meta.annotations
+        .get_or_insert_with(Default::default)
+        .insert(access::ALLOWED_SCGTOKENS_ANNOTATION.into(), names.into());
+}
+
 fn data(pairs: &[(&str, &str)]) -> Data {
     pairs
         .iter()
@@ -283,6 +300,8 @@ struct Case {
     headers: Option<Option<fn(&mut Data)>>,
     /// A Secret already standing at the target's name.
     target: Option<fn() -> Secret>,
+    /// The opt-in of the credentials and headers Secrets (default: labelled).
+    optin: OptIn,
     /// A failure the real API server would answer while the bad token's passes run,
     /// where the in-memory one does not check (immutability, Secret types).
     mimic: Option<(&'static str, &'static str, u16)>,
@@ -301,6 +320,7 @@ impl Case {
             creds: Some(|_| {}),
             headers: None,
             target: None,
+            optin: opt_in_all,
             mimic: None,
             scg: Scg::Fake,
             allow_insecure: true,
@@ -335,6 +355,9 @@ impl Case {
             headers: Some(None),
             ..self
         }
+    }
+    fn optin(self, optin: OptIn) -> Case {
+        Case { optin, ..self }
     }
     fn target(self, target: fn() -> Secret) -> Case {
         Case {
@@ -500,6 +523,7 @@ fn catalogue() -> Vec<Case> {
     let spec = "InvalidSpec";
     let creds = "CredentialsNotFound";
     let conflict = "TargetConflict";
+    let not_allowed = "CredentialsNotAllowed";
     let invalid = "InvalidResponse";
     let unavailable = "Unavailable";
     vec![
@@ -589,6 +613,57 @@ fn catalogue() -> Vec<Case> {
         Case::new("endpoint with a query")
             .spec(|s| s.endpoint = "https://scg.example/x?consumersecret=planted-q".into())
             .expect(spec, "endpoint must not have a query or fragment"),
+        Case::new("endpoint host outside --allowed-endpoints")
+            .spec(|s| s.endpoint = "https://elsewhere.example/apptoken-refresh".into())
+            .check(no_call)
+            .expect(spec, "endpoint host elsewhere.example:443 is not allowed by the operator's --allowed-endpoints"),
+        Case::new("endpoint on an allowed host's other name")
+            .spec(|s| s.endpoint = "https://scg.example.elsewhere.example/x".into())
+            .check(no_call)
+            .expect(spec, "--allowed-endpoints"),
+        // Opt-in of the Secrets the operator reads.
+        Case::new("credentials Secret not opted in")
+            .optin(|name, m| {
+                if name != "creds" {
+                    access::opt_in(m)
+                }
+            })
+            .http("/token")
+            .check(no_call)
+            .expect(
+                not_allowed,
+                "credentials Secret \"creds\" is not opted in for use by the operator: label it scgtoken.io/credentials=true",
+            ),
+        Case::new("credentials Secret opted in for other ScgTokens")
+            .optin(|_, m| annotate_allowed(m, "good,bad-2"))
+            .http("/token")
+            .check(no_call)
+            .expect(not_allowed, "scgtoken.io/allowed-scgtokens=\"bad\""),
+        Case::new("credentials Secret opted in by name")
+            .optin(|_, m| annotate_allowed(m, "good, bad"))
+            .expect(ok, "token valid until"),
+        Case::new("credentials Secret without data, not opted in, says only that")
+            .creds(|d| d.clear())
+            .optin(|_, _| {})
+            .check(no_call)
+            .expect(not_allowed, "credentials Secret \"creds\" is not opted in"),
+        Case::new("headers Secret not opted in")
+            .headers(|_| {})
+            .optin(|name, m| {
+                if name != "hdrs" {
+                    access::opt_in(m)
+                }
+            })
+            .http("/token")
+            .check(no_call)
+            .expect(not_allowed, "headers Secret \"hdrs\" is not opted in"),
+        Case::new("target labels opting the target in")
+            .spec(|s| {
+                let key = access::CREDENTIALS_LABEL.into();
+                s.target.labels.insert(key, "true".into());
+            })
+            .check(no_call)
+            .expect(spec, "only someone who can write a Secret opts it in"),
         // Credentials Secret.
         Case::new("credentials Secret missing")
             .no_creds()
@@ -843,7 +918,7 @@ async fn plant_good(w: &World) -> Result<(), String> {
         ("consumerSecret", GOOD_SECRET),
         ("accessToken", GOOD_SEED),
     ]);
-    w.put_secret("good-creds", &creds).await;
+    w.put_secret("good-creds", &creds, opt_in_all).await;
     let mut good = ScgTokenSpec::new("good-creds");
     good.endpoint = FAKE_ENDPOINT.into();
     w.create("good", good).await;
@@ -859,12 +934,12 @@ async fn plant_bad(w: &World, case: &Case, scg: &RawScg) {
             ("accessToken", SEED),
         ]);
         edit(&mut d);
-        w.put_secret("creds", &d).await;
+        w.put_secret("creds", &d, case.optin).await;
     }
     if let Some(Some(edit)) = case.headers {
         let mut d = data(&[("Cookie", COOKIE)]);
         edit(&mut d);
-        w.put_secret("hdrs", &d).await;
+        w.put_secret("hdrs", &d, case.optin).await;
     }
     if let Some(target) = case.target {
         w.secrets()
@@ -1270,4 +1345,101 @@ async fn serve_one(mut conn: TcpStream, heads: Arc<Mutex<Vec<(String, String)>>>
         }
     }
     let _ = conn.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// What a failed call shows of the remote side: its class, never its words. The endpoint
+// is chosen by whoever writes the ScgToken; status and Events must not make the operator
+// a probe of what answers there. The operator's own log keeps the detail.
+
+/// A server that answers every connection with `reply` (then holds it open briefly).
+async fn replying(reply: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = conn.write_all(reply).await;
+                let mut buf = [0u8; 1024];
+                let _ = timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+            });
+        }
+    });
+    addr.to_string()
+}
+
+#[tokio::test]
+async fn a_failed_call_shows_its_class_and_not_the_remote_words() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    // A TLS alert (fatal, decrypt_error) instead of a ServerHello.
+    let alert = replying(&[0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x33]).await;
+    // Something that is not HTTP.
+    let banner = replying(b"SSH-2.0-planted_banner\r\n\r\n").await;
+    // A port where nothing listens (bound, then closed).
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("address").to_string()
+    };
+    // (endpoint, what status says, words of the remote side or the socket it must not)
+    let rows = [
+        (
+            format!("https://{alert}/apptoken-refresh"),
+            "the SCG API could not be reached: TLS handshake failed",
+            &["alert", "DecryptError"][..],
+        ),
+        (
+            format!("http://{banner}/apptoken-refresh"),
+            "the SCG API could not be reached: ",
+            &["planted", "SSH", "HTTP version", "invalid"][..],
+        ),
+        (
+            format!("http://{closed}/apptoken-refresh"),
+            "the SCG API could not be reached: connection failed",
+            &["os error", "refused"][..],
+        ),
+    ];
+    let w = World::new(true).await;
+    let creds = data(&[
+        ("consumerKey", KEY),
+        ("consumerSecret", SECRET),
+        ("accessToken", SEED),
+    ]);
+    w.put_secret("creds", &creds, opt_in_all).await;
+    for (i, (endpoint, says, hidden)) in rows.iter().enumerate() {
+        let name = format!("remote-{i}");
+        let mut spec = ScgTokenSpec::new("creds");
+        spec.endpoint = endpoint.clone();
+        spec.timeout = "5s".into();
+        w.create(&name, spec).await;
+        w.reconcile(&name).await.expect("a pass");
+        let (reason, message) = w.ready(&name).await.expect("Ready");
+        assert_eq!(reason, "Unavailable", "{endpoint}: {message}");
+        assert!(message.starts_with(says), "{endpoint}: {message}");
+        let events = serde_json::to_string(&w.events().await).expect("Events");
+        for word in *hidden {
+            assert!(
+                !message.contains(word),
+                "{endpoint}: status shows {word:?}: {message}"
+            );
+            assert!(
+                !events.contains(word),
+                "{endpoint}: an Event shows {word:?}"
+            );
+        }
+    }
+    // The operator's log keeps what its operators need to find the cause.
+    let logged = logs.text();
+    assert!(logged.contains("alert"), "the TLS alert is not in the log");
+    assert!(
+        logged.contains("os error") || logged.contains("refused"),
+        "the socket error is not in the log"
+    );
 }

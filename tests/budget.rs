@@ -203,7 +203,7 @@ impl World {
             .unwrap()
             .insert(seed.clone(), lifetime);
         let creds = format!("creds-{name}");
-        let secret = Secret {
+        let mut secret = Secret {
             metadata: ObjectMeta {
                 name: Some(creds.clone()),
                 ..Default::default()
@@ -220,6 +220,7 @@ impl World {
             ),
             ..Default::default()
         };
+        scg_token_operator::access::opt_in(&mut secret.metadata);
         self.secrets()
             .create(&PostParams::default(), &secret)
             .await

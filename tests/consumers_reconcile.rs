@@ -242,7 +242,7 @@ impl World {
     }
 
     async fn credentials(&self) {
-        let secret = Secret {
+        let mut secret = Secret {
             metadata: ObjectMeta {
                 name: Some("creds".into()),
                 ..Default::default()
@@ -254,6 +254,7 @@ impl World {
             ])),
             ..Default::default()
         };
+        scg_token_operator::access::opt_in(&mut secret.metadata);
         Api::<Secret>::namespaced(self.client.clone(), NS)
             .create(&PostParams::default(), &secret)
             .await

@@ -376,6 +376,15 @@ fn examples_fit_together() {
     let secret = &example("credentials-secret.yaml")[0];
     assert_eq!(name_of(secret), "Secret/scg-credentials");
     assert_eq!(s(secret, "metadata.namespace"), "default");
+    // Without it the operator refuses the Secret (CredentialsNotAllowed).
+    let labels = common::manifests::get(secret, "metadata.labels");
+    assert_eq!(
+        labels
+            .get(scg_token_operator::access::CREDENTIALS_LABEL)
+            .and_then(Value::as_str),
+        Some("true"),
+        "the example credentials are not opted in"
+    );
     for key in ["consumerKey", "consumerSecret", "accessToken"] {
         let value = s(secret, &format!("stringData.{key}"));
         assert!(

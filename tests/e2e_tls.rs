@@ -153,9 +153,14 @@ async fn the_ca_bundle_is_trusted_in_addition_to_the_platform_roots() {
             (status == "False" && reason == "Unavailable").then_some(message)
         })
         .await;
+    // Status names the class and the fix; the log says which check failed.
     assert!(
-        message.contains("TLS handshake failed: certificate not trusted"),
+        message.contains("TLS handshake failed") && message.contains("--ca-bundle"),
         "{message}"
+    );
+    assert!(
+        env.all_logs().contains("certificate not trusted"),
+        "the log does not say why the handshake failed"
     );
     assert_eq!(env.sim.refresh_calls(), 0, "a request was sent over TLS");
     assert_eq!(

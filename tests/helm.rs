@@ -637,6 +637,31 @@ fn unsafe_or_misspelled_values_are_refused() {
     assert!(err.contains("replica"), "{err}");
     let err = helm_template(&["--set", "image.digest=latest"]).unwrap_err();
     assert!(err.contains("digest"), "{err}");
+    // Who may be called and which Secrets may be read are not to be left open by a typo.
+    for (value, name) in [
+        ("credentialsPolicy=off", "credentialsPolicy"),
+        ("allowedEndpoints=[]", "allowedEndpoints"),
+        (
+            r#"allowedEndpoints=["https://api.syniverse.com"]"#,
+            "allowedEndpoints",
+        ),
+        (r#"allowedEndpoints=["*"]"#, "allowedEndpoints"),
+    ] {
+        let err = helm_template(&["--set-json", value]).unwrap_err();
+        assert!(err.contains(name), "{value}: {err}");
+    }
+    let widened = chart(&[
+        "--set",
+        "credentialsPolicy=warn",
+        "--set-json",
+        r#"allowedEndpoints=["api.syniverse.com","*.scg.example:443"]"#,
+    ]);
+    let args = strs(get(container(&widened), "args"));
+    assert!(
+        args.contains(&"--allowed-endpoints=api.syniverse.com,*.scg.example:443")
+            && args.contains(&"--credentials-policy=warn"),
+        "{args:?}"
+    );
     let pinned = chart(&["--set", &format!("image.digest=sha256:{}", "a".repeat(64))]);
     assert_eq!(
         s(container(&pinned), "image"),
@@ -674,6 +699,12 @@ fn rendered_args_and_env_are_accepted_by_the_operator() {
             "leaderElection.enabled=false",
             "--set",
             "replicas=1",
+        ],
+        &[
+            "--set",
+            "credentialsPolicy=warn",
+            "--set-json",
+            r#"allowedEndpoints=["api.syniverse.com","*.scg.example:443","[::1]:8443"]"#,
         ],
     ] {
         let objs = chart(values);

@@ -75,7 +75,10 @@ metadata: {{name: {namespace}}}
 ---
 apiVersion: v1
 kind: Secret
-metadata: {{name: {name}-credentials, namespace: {namespace}}}
+metadata:
+  name: {name}-credentials
+  namespace: {namespace}
+  labels: {{scgtoken.io/credentials: "true"}}
 stringData:
   consumerKey: {CONSUMER_KEY}
   consumerSecret: {CONSUMER_SECRET}
@@ -480,8 +483,10 @@ impl HelmInstall {
             "scg-lane-ca",
             &from_file,
         ]);
+        let host = sim.addr().ip();
         let values = format!(
             r#"namespaced: {{enabled: true, watchNamespace: {watched}}}
+allowedEndpoints: ["{host}"]
 extraEnv: [{{name: SCG_CA_BUNDLE, value: /etc/scg-lane-ca/ca.crt}}]
 extraVolumes: [{{name: scg-lane-ca, configMap: {{name: scg-lane-ca}}}}]
 extraVolumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: true}}]

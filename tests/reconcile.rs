@@ -24,7 +24,7 @@ use kube::{
 };
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
-    chain,
+    access, chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
     policy::Clock,
     reconcile::{CachedScgToken, Context, Deps, TokenCache, reconcile, token_cache},
@@ -136,7 +136,7 @@ impl World {
     }
 
     async fn put_credentials(&self, seed: &str) {
-        let secret = Secret {
+        let mut secret = Secret {
             metadata: ObjectMeta {
                 name: Some("creds".into()),
                 ..Default::default()
@@ -153,6 +153,7 @@ impl World {
             ),
             ..Default::default()
         };
+        access::opt_in(&mut secret.metadata);
         let pp = PatchParams::apply("test").force();
         self.secrets()
             .patch("creds", &pp, &Patch::Apply(&secret))

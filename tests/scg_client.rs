@@ -22,7 +22,7 @@ use axum::{
 };
 use scg_token_operator::scg::{
     ClientError, Endpoint, HttpTokenApi, RefreshError, RefreshRequest, Refreshed, SecretString,
-    TokenApi,
+    TokenApi, Unreachable,
 };
 use testkit::{
     scgsim::{ScgSimulator, SimConfig},
@@ -535,14 +535,17 @@ async fn an_untrusted_certificate_is_a_clear_tls_failure() {
         HttpTokenApi::with_ca_bundle(Some(other_ca.path())).unwrap(),
     ] {
         let err = call.run_with(&api).await.unwrap_err();
-        let RefreshError::Transport(msg) = &err else {
+        let RefreshError::Transport(failure) = &err else {
             panic!("not a transport failure: {err:?}");
         };
+        assert_eq!(failure.class, Unreachable::Tls, "{err:?}");
+        // Status shows the class, with the fix; the log says which check failed.
+        assert!(err.to_string().contains("--ca-bundle"), "{err}");
+        let logged = err.detail();
         assert!(
-            msg.starts_with("TLS handshake failed: certificate not trusted"),
-            "{msg}"
+            logged.contains("(certificate not trusted (issued by an unknown CA"),
+            "{logged}"
         );
-        assert!(msg.contains("--ca-bundle"), "{msg}");
         assert!(!err.to_string().contains(&sim.addr().port().to_string()));
     }
     assert_eq!(sim.refresh_calls(), 0, "a request went out over TLS");

@@ -93,6 +93,8 @@ impl Operator {
             .args([
                 "run",
                 "--allow-insecure-endpoints",
+                // The simulator listens on loopback.
+                "--allowed-endpoints=127.0.0.1",
                 "--admin-addr=127.0.0.1:0",
                 "--leader-elect=false",
                 "--log-format=json",

@@ -73,7 +73,7 @@ pub async fn create_tokens(
             let mut spec = spec.clone();
             spec.credentials_secret_ref.name = format!("{name}-creds");
             async move {
-                let creds = Secret {
+                let mut creds = Secret {
                     metadata: ObjectMeta {
                         name: Some(spec.credentials_secret_ref.name.clone()),
                         ..Default::default()
@@ -85,6 +85,7 @@ pub async fn create_tokens(
                     ])),
                     ..Default::default()
                 };
+                scg_token_operator::access::opt_in(&mut creds.metadata);
                 secrets.create(&PostParams::default(), &creds).await?;
                 let mut obj = ScgToken::new(&name, spec);
                 obj.metadata.namespace = Some(NAMESPACE.into());

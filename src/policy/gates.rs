@@ -41,6 +41,8 @@ pub struct Facts<'a, E, C, K> {
 pub enum Unloaded<K> {
     /// The Secret or one of its keys is missing; the message names them, never a value.
     Missing(String),
+    /// The Secret is not opted in for this ScgToken; the message says how to opt it in.
+    NotAllowed(String),
     /// The API did not answer the read.
     Unreadable(K),
 }
@@ -171,6 +173,7 @@ fn own_target<K>(foreign: bool, immutable: bool, name: &str) -> Result<(), Stop<
 fn credentials_found<C, K>(credentials: Result<C, Unloaded<K>>) -> Result<C, Stop<K>> {
     credentials.map_err(|e| match e {
         Unloaded::Missing(message) => blocked(Reason::CredentialsNotFound, message, None),
+        Unloaded::NotAllowed(message) => blocked(Reason::CredentialsNotAllowed, message, None),
         Unloaded::Unreadable(e) => Stop::Unreadable(e),
     })
 }
@@ -223,7 +226,7 @@ mod tests {
         type Edit = fn(&mut Facts<'_, &str, &str, &str>);
         // One row per line: the order of the rows is the order of the gates.
         #[rustfmt::skip]
-        let table: [(&str, &ScgTokenSpec, Edit, &str); 14] = [
+        let table: [(&str, &ScgTokenSpec, Edit, &str); 16] = [
             ("all clear", &good, |_| {}, "passes"),
             ("deleting", &bad, |f| f.deleting = true, "idle"),
             ("standby", &bad, |f| f.leader = false, "idle"),
@@ -239,6 +242,8 @@ mod tests {
                 f.credentials = Err(Unloaded::Unreadable("down"));
             }, "TargetConflict"),
             ("missing credentials", &good, |f| f.credentials = Err(Unloaded::Missing("gone".into())), "CredentialsNotFound"),
+            ("credentials not opted in", &good, |f| f.credentials = Err(Unloaded::NotAllowed("no".into())), "CredentialsNotAllowed"),
+            ("suspended before credentials not opted in", &suspended, |f| f.credentials = Err(Unloaded::NotAllowed("no".into())), "Suspended"),
             ("suspended hides unreadable credentials", &suspended, |f| f.credentials = Err(Unloaded::Unreadable("down")), "Suspended"),
             ("unreadable credentials", &good, |f| f.credentials = Err(Unloaded::Unreadable("down")), "unreadable"),
         ];

@@ -4,7 +4,10 @@
 //! would be held in memory with nowhere to go.
 
 use super::InvalidSpec;
-use crate::crd::TargetSpec;
+use crate::{
+    access::{ALLOWED_SCGTOKENS_ANNOTATION, CREDENTIALS_LABEL},
+    crd::TargetSpec,
+};
 
 /// Checks `spec.target` by the rules the API server applies to a Secret it is given.
 pub fn check(t: &TargetSpec) -> Result<(), InvalidSpec> {
@@ -46,6 +49,16 @@ pub fn check(t: &TargetSpec) -> Result<(), InvalidSpec> {
                  letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
             ));
         }
+    }
+    // The operator writes the target: it must not opt a Secret in on anyone's behalf.
+    if t.labels.contains_key(CREDENTIALS_LABEL)
+        || t.annotations.contains_key(ALLOWED_SCGTOKENS_ANNOTATION)
+    {
+        return invalid(format!(
+            "target labels and annotations may not set {CREDENTIALS_LABEL} or \
+             {ALLOWED_SCGTOKENS_ANNOTATION}: only someone who can write a Secret opts it in \
+             as credentials"
+        ));
     }
     if let Some(key) = t.annotations.keys().find(|k| !is_qualified_name(k)) {
         return invalid(format!(
@@ -250,6 +263,17 @@ mod tests {
             (
                 "belongs to Kubernetes or Helm",
                 type_("kubernetes.io/basic-auth"),
+            ),
+            (
+                "only someone who can write a Secret",
+                target(|t| drop(t.labels.insert(CREDENTIALS_LABEL.into(), "true".into()))),
+            ),
+            (
+                "only someone who can write a Secret",
+                target(|t| {
+                    let key = ALLOWED_SCGTOKENS_ANNOTATION.into();
+                    drop(t.annotations.insert(key, "other".into()))
+                }),
             ),
             (
                 "belongs to Kubernetes or Helm",

@@ -22,6 +22,7 @@ use super::{
     memory::{Key, Memory},
 };
 use crate::{
+    access::{AllowedEndpoints, CredentialsPolicy},
     budget::{Budget, TokioTimer},
     chain::{self, Chain},
     crd::ScgToken,
@@ -43,6 +44,10 @@ pub struct Context {
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
+    /// The hosts refresh calls may go to (`--allowed-endpoints`).
+    pub allowed_endpoints: AllowedEndpoints,
+    /// What to do with a credentials Secret that is not opted in.
+    pub credentials_policy: CredentialsPolicy,
     /// Every refresh call takes its turn here: the shared rate and `Retry-After` pauses.
     pub budget: Budget,
     /// The controller's cache of ScgTokens, to spot two of them sharing one chain.
@@ -64,6 +69,10 @@ pub struct Deps {
     pub leadership: Leadership,
     /// Accept `http://` endpoints (tests and local trials only).
     pub allow_insecure: bool,
+    /// The hosts refresh calls may go to (`--allowed-endpoints`).
+    pub allowed_endpoints: AllowedEndpoints,
+    /// What to do with a credentials Secret that is not opted in.
+    pub credentials_policy: CredentialsPolicy,
     /// The ScgToken cache ([`token_cache`](super::token_cache)); its writer goes to
     /// [`controller`](super::controller), which fills it.
     pub tokens: TokenCache,
@@ -81,6 +90,8 @@ impl Context {
             metrics,
             leadership,
             allow_insecure,
+            allowed_endpoints,
+            credentials_policy,
             tokens,
         } = deps;
         let budget = Budget::new(None, Arc::new(TokioTimer), &metrics);
@@ -92,6 +103,8 @@ impl Context {
             metrics,
             leadership,
             allow_insecure,
+            allowed_endpoints,
+            credentials_policy,
             budget,
             tokens,
             memory: Memory::default(),

@@ -29,6 +29,7 @@ mod cache;
 mod consumers;
 mod context;
 mod controller;
+mod credentials;
 mod memory;
 mod observe;
 mod outcome;
@@ -131,6 +132,8 @@ struct Pass<'a> {
     reports: consumers::Reports,
     /// The failure streak before this pass.
     backoff: Backoff,
+    /// The Secrets used although not opted in, once read (`credentials.rs`).
+    noted: credentials::Noted,
 }
 
 /// A refresh a pass is about to make.
@@ -157,6 +160,7 @@ impl<'a> Pass<'a> {
             now: ctx.clock.now(),
             prev: obj.status.clone().unwrap_or_default(),
             reports: consumers::read_reports(&ctx.reports, obj),
+            noted: credentials::Noted::default(),
         }
     }
 
@@ -294,7 +298,8 @@ impl<'a> Pass<'a> {
     /// The call failed: back off (the outcome says until when) and report.
     async fn refresh_failed(&self, r: Refresh, error: RefreshError, first_call: bool) -> Action {
         let at = self.ctx.clock.now();
-        let logged = error.to_string();
+        // Status shows the failure's class; the operator's log has the detail.
+        let logged = error.detail();
         let out = self.outcome(Happened::Failed {
             attempt: Attempt {
                 shown: r.shown,

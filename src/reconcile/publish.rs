@@ -82,6 +82,7 @@ impl Pass<'_> {
         let consumers = self.consumers(&out).await;
         out.status.consumers = consumers.status;
         out.status.conditions.extend(consumers.condition);
+        self.add_credentials_allowed(&mut out);
         let mut wake = earliest(out.wake, consumers.wake);
         if !self.write_status(&out.status).await {
             // The schedule computed here still holds (a back-off is not cut short);

@@ -13,8 +13,14 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::{Api, CustomResourceExt, api::PostParams, runtime::events::Reporter};
 use prometheus_client::registry::Registry;
 use scg_token_operator::{
-    crd::ScgToken, events::Publisher, leader::Leadership, policy::Clock, reconcile::Deps,
-    report::Metrics, scg::TokenApi,
+    access::{AllowedEndpoints, CredentialsPolicy},
+    crd::ScgToken,
+    events::Publisher,
+    leader::Leadership,
+    policy::Clock,
+    reconcile::Deps,
+    report::Metrics,
+    scg::TokenApi,
 };
 use testkit::apiserver::ApiServer;
 
@@ -55,8 +61,13 @@ pub async fn api_server() -> (ApiServer, kube::Client) {
     (server, client)
 }
 
+/// The endpoint hosts the tests' ScgTokens use: scripted token APIs answer for the
+/// `.example` names, real servers listen on loopback.
+pub const TEST_ENDPOINTS: &str = "scg.example,a.example,b.example,127.0.0.1,localhost";
+
 /// What a newly started operator has: an empty ScgToken cache, leadership, https only,
-/// and its metrics registered in `registry`. Tests change fields with `..deps(...)`.
+/// [`TEST_ENDPOINTS`] allowed, credentials opt-in enforced, and its metrics registered
+/// in `registry`. Tests change fields with `..deps(...)`.
 pub fn deps(
     client: &kube::Client,
     token_api: Arc<dyn TokenApi>,
@@ -75,6 +86,8 @@ pub fn deps(
         metrics: Arc::new(Metrics::register(registry)),
         leadership: Leadership::always(),
         allow_insecure: false,
+        allowed_endpoints: AllowedEndpoints::parse(TEST_ENDPOINTS).expect("test endpoints"),
+        credentials_policy: CredentialsPolicy::Enforce,
         tokens: scg_token_operator::reconcile::token_cache().0,
     }
 }

@@ -28,7 +28,10 @@ use kube::{
     Api, CustomResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use scg_token_operator::crd::{ScgToken, ScgTokenSpec};
+use scg_token_operator::{
+    access,
+    crd::{ScgToken, ScgTokenSpec},
+};
 use testkit::{
     apiserver::ApiServer,
     scgsim::{RefreshCall, ScgSimulator, SimConfig},
@@ -135,9 +138,22 @@ impl Env {
         seed
     }
 
-    /// Writes (or overwrites) a credentials Secret.
+    /// Writes (or overwrites) a credentials Secret, opted in for the operator.
     pub async fn put_credentials(&self, secret_name: &str, consumer_key: &str, seed: &str) {
-        let secret = Secret {
+        self.put_credentials_opted(secret_name, consumer_key, seed, true)
+            .await;
+    }
+
+    /// Writes (or overwrites) a credentials Secret, with the opt-in label or without it
+    /// (as a release without the opt-in found them).
+    pub async fn put_credentials_opted(
+        &self,
+        secret_name: &str,
+        consumer_key: &str,
+        seed: &str,
+        opted_in: bool,
+    ) {
+        let mut secret = Secret {
             metadata: ObjectMeta {
                 name: Some(secret_name.into()),
                 ..Default::default()
@@ -154,6 +170,9 @@ impl Env {
             ),
             ..Default::default()
         };
+        if opted_in {
+            access::opt_in(&mut secret.metadata);
+        }
         self.secrets()
             .patch(
                 secret_name,
@@ -178,7 +197,12 @@ impl Env {
             .expect("create ScgToken");
     }
 
-    /// Starts the operator binary with leader election off and `extra` flags.
+    /// The endpoint hosts the operator allows unless a test says otherwise: the
+    /// simulators listen on loopback (by address, or by name).
+    pub const ENDPOINTS: &'static str = "127.0.0.1,localhost";
+
+    /// Starts the operator binary with leader election off, [`Env::ENDPOINTS`] allowed,
+    /// and `extra` flags.
     pub fn operator(&self, extra: &[&str]) -> Operator {
         self.operator_with_env(extra, &[])
     }
@@ -197,6 +221,9 @@ impl Env {
         ];
         if !extra.iter().any(|a| a.starts_with("--leader-elect")) {
             args.push("--leader-elect=false".into());
+        }
+        if !extra.iter().any(|a| a.starts_with("--allowed-endpoints")) {
+            args.push(format!("--allowed-endpoints={}", Env::ENDPOINTS));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let op = Operator::spawn(&self.kubeconfig, &args, envs);

@@ -287,7 +287,8 @@ pub fn helm() -> String {
 
 /// The operator installed as `kubectl apply -k` installs it: `resources` (deploy/ or an
 /// overlay) plus `components` (deploy/components/...), with only what points it at the
-/// lane's simulator changed: its CA in a ConfigMap, mounted, and named by SCG_CA_BUNDLE.
+/// lane's simulator changed: its CA in a ConfigMap, mounted, and named by SCG_CA_BUNDLE,
+/// and its host in `--allowed-endpoints` (the fourth argument of deploy/base).
 /// The image is the one deploy/ names, imported into the node (IfNotPresent). Waits for
 /// the rollout; deleted (and waited for) on drop.
 pub struct OperatorInstall {
@@ -332,7 +333,13 @@ patches:
               - name: operator
                 env: [{{name: SCG_CA_BUNDLE, value: /etc/scg-lane-ca/ca.crt}}]
                 volumeMounts: [{{name: scg-lane-ca, mountPath: /etc/scg-lane-ca, readOnly: true}}]
-"#
+  - target: {{kind: Deployment, name: scg-token-operator}}
+    patch: |-
+      - {{op: test, path: {ARG}, value: "--allowed-endpoints=api.syniverse.com"}}
+      - {{op: replace, path: {ARG}, value: "--allowed-endpoints={host}"}}
+"#,
+            ARG = "/spec/template/spec/containers/0/args/3",
+            host = sim.addr().ip(),
         ));
         std::fs::write(dir.join("kustomization.yaml"), kustomization).expect("kustomization");
         // The guard first: a failed apply or rollout is removed too.

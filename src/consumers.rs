@@ -113,12 +113,78 @@ pub struct CurrentToken<'a> {
     pub stored_at: Option<Timestamp>,
 }
 
+/// A pod seen not serving the current token, as the operator remembers it from pass to
+/// pass ([`track_behind`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behind {
+    /// What the pod served when it was last seen behind (`None`: nothing).
+    pub serving: Option<String>,
+    /// When its agent started (the Lease's `acquireTime`): another start is another agent,
+    /// or another pod of the same name.
+    pub started: Option<Timestamp>,
+    /// The store time of the first token the pod did not switch to, as far as the operator
+    /// saw it (or when its agent started, if later). Staleness counts from here.
+    pub since: Timestamp,
+}
+
+/// The pods not serving the current token, by pod name.
+pub type BehindPods = BTreeMap<String, Behind>;
+
+/// Since when each reported pod has not served the current token: carried over from
+/// `previous` (the last pass's answer) while the pod stays on the token it served then,
+/// so that a pod stuck on an old token is not forgiven at each new rotation.
+///
+/// - A pod first seen behind counts from the current token's store, or from its agent's
+///   start if later: the operator does not know of an earlier miss.
+/// - A pod that switched since, though not to the current token, made progress: it counts
+///   again from the current token's store.
+/// - A pod whose agent started again (another `acquireTime`) counts as first seen.
+/// - A pod serving the current token, or no longer reported, is forgotten.
+///
+/// Before a token was stored nothing is behind.
+pub fn track_behind(
+    previous: &BehindPods,
+    reports: &[AgentReport],
+    token: CurrentToken<'_>,
+) -> BehindPods {
+    let mut behind = BehindPods::new();
+    let Some(current) = token.fingerprint else {
+        return behind;
+    };
+    for r in reports {
+        if r.fingerprint.as_deref() == Some(current) || behind.contains_key(&r.pod) {
+            continue;
+        }
+        let kept = previous.get(&r.pod).filter(|b| {
+            b.started == r.started && (r.fingerprint.is_none() || r.fingerprint == b.serving)
+        });
+        let since = match (kept, token.stored_at, r.started) {
+            (Some(b), _, _) => Some(b.since),
+            (None, Some(a), Some(b)) => Some(a.max(b)),
+            (None, a, b) => a.or(b),
+        };
+        if let Some(since) = since {
+            let serving = r.fingerprint.clone().or(kept.and_then(|b| b.serving.clone()));
+            behind.insert(
+                r.pod.clone(),
+                Behind {
+                    serving,
+                    started: r.started,
+                    since,
+                },
+            );
+        }
+    }
+    behind
+}
+
 /// Aggregates the reports into `status.consumers`. Pods whose heartbeat expired drop out.
 /// A pod not serving the current token is stale once `stale_after` has passed since the
-/// token was stored, or since the agent started if it started later.
+/// first store it missed (`behind`, from [`track_behind`]).
 pub fn aggregate(
     reports: &[AgentReport],
     token: CurrentToken<'_>,
+    behind: &BehindPods,
     stale_after: Duration,
     now: Timestamp,
 ) -> ConsumersStatus {
@@ -140,7 +206,7 @@ pub fn aggregate(
             }
             continue;
         }
-        if stale_at(r, token, stale_after).is_some_and(|t| t < now) {
+        if stale_at(r, behind, stale_after).is_some_and(|t| t < now) {
             stale.push(r.pod.clone());
         }
     }
@@ -154,19 +220,10 @@ pub fn aggregate(
     status
 }
 
-/// When a pod not serving the current token becomes stale: `stale_after` after the
-/// token was stored, or after the agent started if it started later. `None` before a
-/// token was stored, or when the pod serves it.
-fn stale_at(r: &AgentReport, token: CurrentToken<'_>, stale_after: Duration) -> Option<Timestamp> {
-    let fingerprint = token.fingerprint?;
-    if r.fingerprint.as_deref() == Some(fingerprint) {
-        return None;
-    }
-    let reference = match (token.stored_at, r.started) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
-    };
-    reference.map(|t| after(t, stale_after))
+/// When a pod not serving the current token becomes stale: `stale_after` after the first
+/// store it missed. `None` when it is not behind.
+fn stale_at(r: &AgentReport, behind: &BehindPods, stale_after: Duration) -> Option<Timestamp> {
+    behind.get(&r.pod).map(|b| after(b.since, stale_after))
 }
 
 /// How long after an instant a look finds it passed: [`aggregate`] counts a pod stale
@@ -179,7 +236,7 @@ const LOOK_AFTER: Duration = Duration::from_millis(100);
 /// polling; a report that changes triggers a pass of its own.
 pub fn next_change(
     reports: &[AgentReport],
-    token: CurrentToken<'_>,
+    behind: &BehindPods,
     stale_after: Duration,
     now: Timestamp,
 ) -> Option<Timestamp> {
@@ -188,7 +245,7 @@ pub fn next_change(
         .filter(|r| is_alive(r, now))
         .flat_map(|r| {
             let expiry = r.renewed.map(|t| after(t, r.duration));
-            let stale = stale_at(r, token, stale_after).filter(|t| *t >= now);
+            let stale = stale_at(r, behind, stale_after).filter(|t| *t >= now);
             [expiry, stale]
         })
         .flatten()
@@ -702,6 +759,27 @@ mod tests {
         }
     }
 
+    /// [`aggregate`] as a first pass sees it: nothing remembered of the pods.
+    fn aggregate_fresh(
+        reports: &[AgentReport],
+        token: CurrentToken<'_>,
+        stale_after: Duration,
+        now: Timestamp,
+    ) -> ConsumersStatus {
+        let behind = track_behind(&BehindPods::new(), reports, token);
+        aggregate(reports, token, &behind, stale_after, now)
+    }
+
+    fn next_change_fresh(
+        reports: &[AgentReport],
+        token: CurrentToken<'_>,
+        stale_after: Duration,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let behind = track_behind(&BehindPods::new(), reports, token);
+        next_change(reports, &behind, stale_after, now)
+    }
+
     fn current() -> CurrentToken<'static> {
         CurrentToken {
             fingerprint: Some("new"),
@@ -779,7 +857,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let s = aggregate(&c.reports, current(), GRACE, at(c.now));
+            let s = aggregate_fresh(&c.reports, current(), GRACE, at(c.now));
             assert_eq!(s.summary, c.summary, "{}", c.name);
             assert_eq!(s.stale_pods, c.stale, "{}", c.name);
             assert_eq!(s.stale as usize, c.stale.len(), "{}", c.name);
@@ -793,14 +871,57 @@ mod tests {
         late.started = Some(at(290));
         let mut booting = agent("booting", None, 300, 300);
         booting.started = Some(at(295));
-        let s = aggregate(&[late, booting.clone()], current(), GRACE, at(301));
+        let s = aggregate_fresh(&[late, booting.clone()], current(), GRACE, at(301));
         assert_eq!((s.current, s.total, s.stale), (1, 2, 0));
         // Its 290 s "switch" is a start, not a switch.
         assert_eq!(s.slowest_switch_seconds, None);
         // Ten seconds after its own start it counts as stale.
         booting.renewed = Some(at(306));
-        let s = aggregate(&[booting], current(), GRACE, at(306));
+        let s = aggregate_fresh(&[booting], current(), GRACE, at(306));
         assert_eq!(s.stale_pods, ["booting"]);
+    }
+
+    #[test]
+    fn a_pod_stuck_on_an_old_token_stays_stale_across_rotations() {
+        // Token "t1" stored at 0, "t2" at 22, "t3" at 44; pod "b" stays on "t0".
+        let token = |fp: &'static str, stored: i64| CurrentToken {
+            fingerprint: Some(fp),
+            stored_at: Some(at(stored)),
+        };
+        let a = |fp: &str, renewed: i64| agent("a", Some(fp), renewed, renewed);
+        let b = |renewed: i64| agent("b", Some("t0"), -50, renewed);
+        let pass = |prev: &BehindPods, reports: &[AgentReport], tok, now| {
+            let behind = track_behind(prev, reports, tok);
+            let s = aggregate(reports, tok, &behind, GRACE, at(now));
+            (behind, s)
+        };
+        let (behind, s) = pass(&BehindPods::new(), &[a("t1", 1), b(1)], token("t1", 0), 11);
+        assert_eq!(s.stale_pods, ["b"]);
+        // The next token: "b" missed "t1" at 0, so it is still stale right after "t2".
+        let reports = [a("t2", 23), b(23)];
+        let (behind, s) = pass(&behind, &reports, token("t2", 22), 23);
+        assert_eq!((s.stale, s.current, s.total), (1, 1, 2));
+        assert_eq!(behind["b"].since, at(0));
+        assert_eq!(next_change(&reports, &behind, GRACE, at(23)), Some(at(53) + SignedDuration::from_millis(100)));
+        let (behind, s) = pass(&behind, &[a("t3", 45), b(45)], token("t3", 44), 45);
+        assert_eq!(s.stale_pods, ["b"]);
+        // Progress, though not to the current token: counted from the current store.
+        let (behind, s) = pass(&behind, &[a("t3", 46), agent("b", Some("t2"), 46, 46)], token("t3", 44), 47);
+        assert_eq!((s.stale, behind["b"].since), (0, at(44)));
+        // Serving nothing for a moment is no progress.
+        let (behind, _) = pass(&behind, &[agent("b", None, 46, 47)], token("t3", 44), 48);
+        assert_eq!(behind["b"].since, at(44));
+        // Switched: forgotten; a restarted agent counts from its start.
+        let (behind, _) = pass(&behind, &[agent("b", Some("t3"), 49, 49)], token("t3", 44), 50);
+        assert!(behind.is_empty());
+        let mut restarted = b(60);
+        restarted.started = Some(at(58));
+        let prev = BehindPods::from([("b".to_string(), Behind { serving: Some("t0".into()), started: Some(at(-3600)), since: at(0) })]);
+        let behind = track_behind(&prev, &[restarted], token("t3", 44));
+        assert_eq!(behind["b"].since, at(58));
+        // Nothing is behind before a token was stored.
+        let none = CurrentToken { fingerprint: None, stored_at: None };
+        assert!(track_behind(&prev, &[b(1)], none).is_empty());
     }
 
     #[test]
@@ -809,7 +930,7 @@ mod tests {
             fingerprint: None,
             stored_at: None,
         };
-        let s = aggregate(&[agent("a", None, 0, 100)], none, GRACE, at(100));
+        let s = aggregate_fresh(&[agent("a", None, 0, 100)], none, GRACE, at(100));
         assert_eq!((s.total, s.current, s.stale), (1, 0, 0));
     }
 
@@ -819,7 +940,7 @@ mod tests {
             .rev()
             .map(|i| agent(&format!("pod-{i:02}"), Some("old"), -50, 20))
             .collect();
-        let s = aggregate(&reports, current(), GRACE, at(21));
+        let s = aggregate_fresh(&reports, current(), GRACE, at(21));
         assert_eq!(s.stale, 15);
         assert_eq!(s.stale_pods.len(), MAX_STALE_NAMES);
         assert_eq!(s.stale_pods[0], "pod-00");
@@ -860,7 +981,7 @@ mod tests {
 
     #[test]
     fn condition_says_up_to_date_no_reports_or_refused() {
-        let ok = aggregate(
+        let ok = aggregate_fresh(
             &[agent("a", Some("new"), 0, 0), agent("b", Some("old"), 0, 0)],
             current(),
             GRACE,
@@ -873,7 +994,7 @@ mod tests {
             "1 of 2 reporting pods serve the current token; 1 switching"
         );
 
-        let empty = aggregate(&[], current(), GRACE, at(1));
+        let empty = aggregate_fresh(&[], current(), GRACE, at(1));
         assert_eq!(empty.summary, "0/0");
         let c = cond(Some(&empty), None).unwrap();
         assert_eq!(
@@ -892,7 +1013,7 @@ mod tests {
 
     #[test]
     fn condition_keeps_its_transition_time_while_the_status_holds() {
-        let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
+        let s = aggregate_fresh(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
         let inputs = |now| ConditionInputs {
             status: Some(&s),
             unread: None,
@@ -960,7 +1081,7 @@ mod tests {
 
     #[test]
     fn reports_that_cannot_be_read_say_how_to_enable_them() {
-        let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
+        let s = aggregate_fresh(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
         let with = |unread, refusal| {
             condition(
                 None,
@@ -1004,26 +1125,26 @@ mod tests {
         // A current pod renewed at 5 (30 s lease): its expiry is the only change ahead.
         let a = agent("a", Some("new"), 1, 5);
         assert_eq!(
-            next_change(std::slice::from_ref(&a), current(), GRACE, at(6)),
+            next_change_fresh(std::slice::from_ref(&a), current(), GRACE, at(6)),
             Some(look(at(35)))
         );
         // A switching pod turns stale 10 s after the store, before that expiry.
         let b = agent("b", Some("old"), -50, 5);
         assert_eq!(
-            next_change(&[a.clone(), b.clone()], current(), GRACE, at(6)),
+            next_change_fresh(&[a.clone(), b.clone()], current(), GRACE, at(6)),
             Some(look(at(10)))
         );
         // Once it is stale only expiries are ahead.
         assert_eq!(
-            next_change(&[a.clone(), b], current(), GRACE, at(11)),
+            next_change_fresh(&[a.clone(), b], current(), GRACE, at(11)),
             Some(look(at(35)))
         );
         // Dead agents have nothing ahead; nor does an empty list.
-        assert_eq!(next_change(&[a], current(), GRACE, at(36)), None);
-        assert_eq!(next_change(&[], current(), GRACE, at(0)), None);
+        assert_eq!(next_change_fresh(&[a], current(), GRACE, at(36)), None);
+        assert_eq!(next_change_fresh(&[], current(), GRACE, at(0)), None);
         // Waking then sees the change.
         let b = agent("b", Some("old"), -50, 5);
-        let s = aggregate(&[b], current(), GRACE, look(at(10)));
+        let s = aggregate_fresh(&[b], current(), GRACE, look(at(10)));
         assert_eq!(s.stale_pods, ["b"]);
     }
 
@@ -1169,7 +1290,7 @@ mod tests {
     fn metrics_count_pods_by_state_and_forget_them() {
         let mut registry = Registry::default();
         let m = ConsumerMetrics::register(&mut registry);
-        let s = aggregate(
+        let s = aggregate_fresh(
             &[
                 agent("a", Some("new"), 0, 20),
                 agent("b", Some("old"), 0, 20),

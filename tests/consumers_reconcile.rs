@@ -196,6 +196,8 @@ struct World {
     /// The operator's Lease cache, when on.
     leases: Option<Store<Lease>>,
     registry: Registry,
+    /// When the agents started (every Lease's `acquireTime`): an hour before the test.
+    agents_started: Timestamp,
 }
 
 impl World {
@@ -223,6 +225,7 @@ impl World {
                 .for_each(|_| async {});
             tokio::spawn(watch);
         }
+        let agents_started = clock.now() - SignedDuration::from_hours(1);
         let w = World {
             server,
             client,
@@ -232,6 +235,7 @@ impl World {
             pods,
             leases,
             registry,
+            agents_started,
         };
         w.credentials().await;
         w
@@ -360,7 +364,7 @@ impl World {
             spec: Some(LeaseSpec {
                 holder_identity: Some(pod.into()),
                 lease_duration_seconds: Some(30),
-                acquire_time: Some(MicroTime(now - SignedDuration::from_hours(1))),
+                acquire_time: Some(MicroTime(self.agents_started)),
                 renew_time: Some(MicroTime(now)),
                 ..Default::default()
             }),
@@ -486,6 +490,62 @@ async fn agent_reports_become_status_condition_events_metrics_and_wake_ups() {
     for secret in ["token-1", CONSUMER_SECRET, "planted-seed-1234"] {
         assert!(!shown.contains(secret), "{secret} leaked");
     }
+}
+
+/// A pod stuck on an old token is not forgiven at each new rotation: its staleness counts
+/// from the first store it missed, so the condition stays False, with no Normal Event
+/// saying that all is well, while tokens keep coming.
+#[tokio::test]
+async fn a_pod_stuck_on_an_old_token_stays_stale_across_rotations() {
+    let w = World::new(true).await;
+    w.create("messaging", "1h", consumers()).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await;
+    let fp = w.fingerprint("messaging").await;
+    let stuck_since = w.clock.now() - SignedDuration::from_mins(5);
+    w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+    w.report("messaging", "pod-b", "previous", stuck_since).await;
+    w.clock.advance(Duration::from_secs(6));
+    w.reconcile("messaging").await;
+    let (status, reason, _) = w.condition("messaging").await.unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "StaleConsumers")
+    );
+
+    // Two rotations, 16 s apart; pod-a switches each time, pod-b heartbeats on "previous".
+    for token in ["token-2", "token-3"] {
+        w.clock.advance(Duration::from_secs(16));
+        w.report("messaging", "pod-b", "previous", stuck_since).await;
+        w.rotate("messaging", token, 3600).await;
+        let fp = w.fingerprint("messaging").await;
+        let (status, reason, message) = w.condition("messaging").await.unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "StaleConsumers"),
+            "right after {token} was stored: {message}"
+        );
+        assert!(message.ends_with("pod-b"), "{message}");
+        w.clock.advance(Duration::from_secs(1));
+        w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+        w.report("messaging", "pod-b", "previous", stuck_since).await;
+        w.reconcile("messaging").await;
+        let t = w.tokens().get("messaging").await.unwrap();
+        let consumers = t.status.unwrap().consumers.unwrap();
+        assert_eq!(
+            (consumers.summary.as_str(), consumers.stale_pods.clone()),
+            ("1/2", vec!["pod-b".to_string()]),
+            "after pod-a switched to {token}"
+        );
+    }
+    assert_eq!(w.has_event("Normal", "ConsumersUpToDate").await, None);
+    let warnings = w
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "StaleConsumers")
+        .count();
+    assert_eq!(warnings, 1, "one Warning for one stuck pod");
 }
 
 #[tokio::test]

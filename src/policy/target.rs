@@ -14,7 +14,8 @@ pub fn check(t: &TargetSpec) -> Result<(), InvalidSpec> {
     {
         return invalid(format!(
             "target name {name:?} is not a valid Secret name: at most 253 lowercase letters, \
-             digits, '-' and '.', starting and ending with a letter or digit"
+             digits, '-' and '.', each part between dots starting and ending with a letter or \
+             digit"
         ));
     }
     for (field, key) in [

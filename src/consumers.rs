@@ -12,7 +12,10 @@
 //!
 //! Nothing here sees a token: only fingerprints, pod names and times.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
@@ -52,6 +55,8 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(40);
 pub struct AgentReport {
     /// The pod the agent runs in (the Lease's `holderIdentity`).
     pub pod: String,
+    /// That pod's UID, from the Lease's owner reference (set when the agent knows it).
+    pub pod_uid: Option<String>,
     /// Fingerprint of the token the pod serves; `None` while it serves none.
     pub fingerprint: Option<String>,
     /// When the pod started serving that token.
@@ -75,8 +80,14 @@ pub fn report_from_lease(lease: &Lease) -> Option<AgentReport> {
         .and_then(|s| u64::try_from(s).ok())
         .filter(|s| *s > 0)
         .map_or(DEFAULT_LEASE_DURATION, Duration::from_secs);
+    let pod_uid = lease
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Pod" && o.name == pod)
+        .map(|o| o.uid.clone());
     Some(AgentReport {
         pod,
+        pod_uid,
         fingerprint: annotations
             .get(SERVED_FINGERPRINT_ANNOTATION)
             .filter(|f| !f.is_empty())
@@ -164,7 +175,10 @@ pub fn track_behind(
             (None, a, b) => a.or(b),
         };
         if let Some(since) = since {
-            let serving = r.fingerprint.clone().or(kept.and_then(|b| b.serving.clone()));
+            let serving = r
+                .fingerprint
+                .clone()
+                .or(kept.and_then(|b| b.serving.clone()));
             behind.insert(
                 r.pod.clone(),
                 Behind {
@@ -178,17 +192,24 @@ pub fn track_behind(
     behind
 }
 
-/// Aggregates the reports into `status.consumers`. Pods whose heartbeat expired drop out.
-/// A pod not serving the current token is stale once `stale_after` has passed since the
-/// first store it missed (`behind`, from [`track_behind`]).
+/// Aggregates the reports into `status.consumers`. A pod not serving the current token is
+/// stale once `stale_after` has passed since the first store it missed (`behind`, from
+/// [`track_behind`]). Pods whose heartbeat expired drop out, except the `lost` ones: their
+/// pod still runs ([`silent_pods`], [`pod_still_runs`]), and they count in the total.
 pub fn aggregate(
     reports: &[AgentReport],
     token: CurrentToken<'_>,
     behind: &BehindPods,
+    lost: &BTreeSet<String>,
     stale_after: Duration,
     now: Timestamp,
 ) -> ConsumersStatus {
-    let mut status = ConsumersStatus::default();
+    let mut status = ConsumersStatus {
+        lost: u32::try_from(lost.len()).unwrap_or(u32::MAX),
+        lost_pods: lost.iter().take(MAX_STALE_NAMES).cloned().collect(),
+        ..ConsumersStatus::default()
+    };
+    status.total = status.lost;
     let mut stale = Vec::new();
     let mut slowest: Option<SignedDuration> = None;
     for r in reports.iter().filter(|r| is_alive(r, now)) {
@@ -218,6 +239,45 @@ pub fn aggregate(
     status.slowest_switch_seconds = slowest.map(|d| (d.as_secs_f64() * 1000.0).round() / 1000.0);
     status.summary = format!("{}/{}", status.current, status.total);
     status
+}
+
+/// The pods whose agent stopped reporting without releasing its Lease (a dead or frozen
+/// agent: its heartbeat expired) and that no live report names, each with its last report,
+/// sorted by pod. A Lease's holder is whatever its writer put there: one that is not a pod
+/// name is left out. Whether such a pod still runs is for the caller to ask
+/// ([`pod_still_runs`]): a pod that runs is `lost`, not gone.
+pub fn silent_pods(reports: &[AgentReport], now: Timestamp) -> Vec<&AgentReport> {
+    let alive: BTreeSet<&str> = reports
+        .iter()
+        .filter(|r| is_alive(r, now))
+        .map(|r| r.pod.as_str())
+        .collect();
+    let mut silent: BTreeMap<&str, &AgentReport> = BTreeMap::new();
+    // A holder that is no pod name names no pod, and is never put in a request path.
+    let silent_pod = |r: &&AgentReport| {
+        !alive.contains(r.pod.as_str()) && crate::policy::target::is_subdomain(&r.pod)
+    };
+    for r in reports.iter().filter(silent_pod) {
+        silent.entry(r.pod.as_str()).or_insert(r);
+    }
+    silent.into_values().collect()
+}
+
+/// Whether `pod` is the one a silent report names and still runs: the same UID when the
+/// report knows it (a pod of the same name created since is another pod, with an agent
+/// that reports for itself), not being deleted, not finished. Such a pod's consumers still
+/// hold whatever token they had, and nobody reports which.
+pub fn pod_still_runs(pod: &Pod, report: &AgentReport) -> bool {
+    let same = report
+        .pod_uid
+        .as_ref()
+        .is_none_or(|uid| pod.metadata.uid.as_ref() == Some(uid));
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    same && pod.metadata.deletion_timestamp.is_none() && !finished
 }
 
 /// When a pod not serving the current token becomes stale: `stale_after` after the first
@@ -268,6 +328,8 @@ pub enum ConditionReason {
     ReportsDisabled,
     /// The operator could not read the report Leases (e.g. no permission).
     ReportsUnavailable,
+    /// Pods still run whose agent stopped reporting: which token they serve is unknown.
+    LostConsumers,
 }
 
 impl ConditionReason {
@@ -279,6 +341,7 @@ impl ConditionReason {
             ConditionReason::RestartRefused => "RestartRefused",
             ConditionReason::ReportsDisabled => "ReportsDisabled",
             ConditionReason::ReportsUnavailable => "ReportsUnavailable",
+            ConditionReason::LostConsumers => "LostConsumers",
         }
     }
 }
@@ -308,7 +371,7 @@ pub struct ConditionInputs<'a> {
 
 /// How the operator is told to read reports, for messages.
 pub const ENABLE_REPORTS_HINT: &str = "run the operator with --consumer-reports \
-     (SCG_CONSUMER_REPORTS=true) and the leases list/watch permission; \
+     (SCG_CONSUMER_REPORTS=true) and the leases list/watch and pods get permissions; \
      deploy/components/consumer-reports does both";
 
 /// The `ConsumersUpToDate` condition, or `None` when nothing is asked of consumers (no
@@ -357,19 +420,32 @@ fn aggregate_condition(
     s: &ConsumersStatus,
     stale_after: Duration,
 ) -> (&'static str, ConditionReason, String) {
+    let lost = (s.lost > 0).then(|| {
+        format!(
+            "{} of {} pods with a token agent still run but their agent stopped reporting \
+             (its Lease expired), so which token they serve is unknown: {}",
+            s.lost,
+            s.total,
+            names(&s.lost_pods, s.lost)
+        )
+    });
     if s.stale > 0 {
-        return (
-            "False",
-            ConditionReason::StaleConsumers,
-            format!(
-                "{} of {} reporting pods still serve an older token (or none) more than {}s \
-                 after the current one was issued: {}",
-                s.stale,
-                s.total,
-                stale_after.as_secs(),
-                names(&s.stale_pods, s.stale)
-            ),
+        let mut m = format!(
+            "{} of {} reporting pods still serve an older token (or none) more than {}s \
+             after the current one was issued: {}",
+            s.stale,
+            s.total,
+            stale_after.as_secs(),
+            names(&s.stale_pods, s.stale)
         );
+        if let Some(lost) = lost {
+            m.push_str("; ");
+            m.push_str(&lost);
+        }
+        return ("False", ConditionReason::StaleConsumers, m);
+    }
+    if let Some(lost) = lost {
+        return ("False", ConditionReason::LostConsumers, lost);
     }
     if s.total == 0 {
         return (
@@ -380,7 +456,7 @@ fn aggregate_condition(
                 .to_string(),
         );
     }
-    let switching = s.total - s.current - s.stale;
+    let switching = s.total.saturating_sub(s.current + s.stale);
     let mut m = format!(
         "{} of {} reporting pods serve the current token",
         s.current, s.total
@@ -437,11 +513,11 @@ pub fn transition_event(previous: Option<&Condition>, next: &Condition) -> Optio
 pub struct ConsumerLabels {
     pub namespace: String,
     pub name: String,
-    /// `current`, `switching` or `stale`.
+    /// `current`, `switching`, `stale` or `lost`.
     pub state: &'static str,
 }
 
-/// `scgtoken_consumers{namespace,name,state}`: reporting pods by state.
+/// `scgtoken_consumers{namespace,name,state}`: pods with a token agent by state.
 pub struct ConsumerMetrics {
     pub consumers: Family<ConsumerLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
@@ -462,11 +538,14 @@ impl ConsumerMetrics {
 
     /// Records an aggregate.
     pub fn observe(&self, namespace: &str, name: &str, status: &ConsumersStatus) {
-        let switching = status.total - status.current - status.stale;
+        let switching = status
+            .total
+            .saturating_sub(status.current + status.stale + status.lost);
         for (state, n) in [
             ("current", status.current),
             ("switching", switching),
             ("stale", status.stale),
+            ("lost", status.lost),
         ] {
             self.consumers
                 .get_or_create(&ConsumerLabels {
@@ -480,7 +559,7 @@ impl ConsumerMetrics {
 
     /// Drops the series of a deleted ScgToken (or one that stopped aggregating).
     pub fn forget(&self, namespace: &str, name: &str) {
-        for state in ["current", "switching", "stale"] {
+        for state in ["current", "switching", "stale", "lost"] {
             self.consumers.remove(&ConsumerLabels {
                 namespace: namespace.into(),
                 name: name.into(),
@@ -730,7 +809,7 @@ pub async fn nudge_pods(
 mod tests {
     use k8s_openapi::{
         api::coordination::v1::LeaseSpec,
-        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference},
     };
 
     use super::*;
@@ -751,6 +830,7 @@ mod tests {
     fn agent(pod: &str, fingerprint: Option<&str>, since: i64, renewed: i64) -> AgentReport {
         AgentReport {
             pod: pod.into(),
+            pod_uid: None,
             fingerprint: fingerprint.map(str::to_string),
             since: Some(at(since)),
             started: Some(at(-3600)),
@@ -767,7 +847,7 @@ mod tests {
         now: Timestamp,
     ) -> ConsumersStatus {
         let behind = track_behind(&BehindPods::new(), reports, token);
-        aggregate(reports, token, &behind, stale_after, now)
+        aggregate(reports, token, &behind, &BTreeSet::new(), stale_after, now)
     }
 
     fn next_change_fresh(
@@ -892,7 +972,7 @@ mod tests {
         let b = |renewed: i64| agent("b", Some("t0"), -50, renewed);
         let pass = |prev: &BehindPods, reports: &[AgentReport], tok, now| {
             let behind = track_behind(prev, reports, tok);
-            let s = aggregate(reports, tok, &behind, GRACE, at(now));
+            let s = aggregate(reports, tok, &behind, &BTreeSet::new(), GRACE, at(now));
             (behind, s)
         };
         let (behind, s) = pass(&BehindPods::new(), &[a("t1", 1), b(1)], token("t1", 0), 11);
@@ -902,26 +982,129 @@ mod tests {
         let (behind, s) = pass(&behind, &reports, token("t2", 22), 23);
         assert_eq!((s.stale, s.current, s.total), (1, 1, 2));
         assert_eq!(behind["b"].since, at(0));
-        assert_eq!(next_change(&reports, &behind, GRACE, at(23)), Some(at(53) + SignedDuration::from_millis(100)));
+        assert_eq!(
+            next_change(&reports, &behind, GRACE, at(23)),
+            Some(at(53) + SignedDuration::from_millis(100))
+        );
         let (behind, s) = pass(&behind, &[a("t3", 45), b(45)], token("t3", 44), 45);
         assert_eq!(s.stale_pods, ["b"]);
         // Progress, though not to the current token: counted from the current store.
-        let (behind, s) = pass(&behind, &[a("t3", 46), agent("b", Some("t2"), 46, 46)], token("t3", 44), 47);
+        let (behind, s) = pass(
+            &behind,
+            &[a("t3", 46), agent("b", Some("t2"), 46, 46)],
+            token("t3", 44),
+            47,
+        );
         assert_eq!((s.stale, behind["b"].since), (0, at(44)));
         // Serving nothing for a moment is no progress.
         let (behind, _) = pass(&behind, &[agent("b", None, 46, 47)], token("t3", 44), 48);
         assert_eq!(behind["b"].since, at(44));
         // Switched: forgotten; a restarted agent counts from its start.
-        let (behind, _) = pass(&behind, &[agent("b", Some("t3"), 49, 49)], token("t3", 44), 50);
+        let (behind, _) = pass(
+            &behind,
+            &[agent("b", Some("t3"), 49, 49)],
+            token("t3", 44),
+            50,
+        );
         assert!(behind.is_empty());
         let mut restarted = b(60);
         restarted.started = Some(at(58));
-        let prev = BehindPods::from([("b".to_string(), Behind { serving: Some("t0".into()), started: Some(at(-3600)), since: at(0) })]);
+        let prev = BehindPods::from([(
+            "b".to_string(),
+            Behind {
+                serving: Some("t0".into()),
+                started: Some(at(-3600)),
+                since: at(0),
+            },
+        )]);
         let behind = track_behind(&prev, &[restarted], token("t3", 44));
         assert_eq!(behind["b"].since, at(58));
         // Nothing is behind before a token was stored.
-        let none = CurrentToken { fingerprint: None, stored_at: None };
+        let none = CurrentToken {
+            fingerprint: None,
+            stored_at: None,
+        };
         assert!(track_behind(&prev, &[b(1)], none).is_empty());
+    }
+
+    #[test]
+    fn a_silent_agent_whose_pod_still_runs_is_lost_and_turns_the_condition_false() {
+        // "a" current; "dead" renewed at -5 for 30 s, so silent at 26; "moved" has a
+        // silent Lease but a live one too (its agent reports again).
+        let mut moved_old = agent("moved", Some("old"), -50, -40);
+        moved_old.duration = Duration::from_secs(10);
+        let reports = [
+            agent("a", Some("new"), 0, 25),
+            agent("dead", Some("old"), -50, -5),
+            moved_old,
+            agent("moved", Some("new"), 1, 25),
+            agent("../secrets/x", Some("old"), -50, -5),
+        ];
+        let silent: Vec<&str> = silent_pods(&reports, at(26))
+            .iter()
+            .map(|r| r.pod.as_str())
+            .collect();
+        assert_eq!(silent, ["dead"]);
+        assert!(silent_pods(&reports, at(20)).is_empty());
+        let lost = BTreeSet::from(["dead".to_string()]);
+        let behind = track_behind(&BehindPods::new(), &reports, current());
+        let s = aggregate(&reports, current(), &behind, &lost, GRACE, at(26));
+        assert_eq!(
+            (s.summary.as_str(), s.total, s.current, s.stale, s.lost),
+            ("2/3", 3, 2, 0, 1)
+        );
+        assert_eq!(s.lost_pods, ["dead"]);
+        let c = condition(
+            None,
+            ConditionInputs {
+                status: Some(&s),
+                unread: None,
+                refusal: None,
+                stale_after: GRACE,
+                generation: None,
+                now: at(26),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "LostConsumers")
+        );
+        assert!(c.message.contains("1 of 3 pods"), "{}", c.message);
+        assert!(c.message.ends_with("unknown: dead"), "{}", c.message);
+        let e = transition_event(None, &c).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str()),
+            (EventType::Warning, "LostConsumers")
+        );
+    }
+
+    #[test]
+    fn a_pod_still_runs_unless_replaced_deleted_or_finished() {
+        let pod = |uid: &str, phase: &str, deleting: bool| Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some(uid.into()),
+                deletion_timestamp: deleting.then(|| Time(at(0))),
+                ..ObjectMeta::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Pod::default()
+        };
+        let mut report = agent("p", Some("old"), 0, 0);
+        report.pod_uid = Some("u1".into());
+        assert!(pod_still_runs(&pod("u1", "Running", false), &report));
+        assert!(pod_still_runs(&pod("u1", "Pending", false), &report));
+        assert!(!pod_still_runs(&pod("u2", "Running", false), &report));
+        assert!(!pod_still_runs(&pod("u1", "Running", true), &report));
+        assert!(!pod_still_runs(&pod("u1", "Failed", false), &report));
+        assert!(!pod_still_runs(&pod("u1", "Succeeded", false), &report));
+        // An agent that does not know its pod's UID: the name decides.
+        report.pod_uid = None;
+        assert!(pod_still_runs(&pod("u2", "Running", false), &report));
     }
 
     #[test]
@@ -1256,6 +1439,13 @@ mod tests {
                     (SERVED_FINGERPRINT_ANNOTATION.into(), "abc".into()),
                     (SERVED_SINCE_ANNOTATION.into(), at(3).to_string()),
                 ])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: "p".into(),
+                    uid: "uid-p".into(),
+                    ..OwnerReference::default()
+                }]),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -1271,6 +1461,7 @@ mod tests {
             r,
             AgentReport {
                 pod: "p".into(),
+                pod_uid: Some("uid-p".into()),
                 fingerprint: Some("abc".into()),
                 since: Some(at(3)),
                 started: Some(at(-10)),

@@ -162,16 +162,19 @@ pub struct ConsumersSpec {
     /// `status.consumers` and the `ConsumersUpToDate` condition. Each agent reports, in a
     /// Lease of its own labelled `scgtoken.io/scgtoken: <this ScgToken's name>` in this
     /// namespace, the fingerprint of the token its pod serves. An agent whose Lease is not
-    /// renewed drops out. Needs the operator's `--consumer-reports` and leases list/watch
-    /// (`deploy/components/consumer-reports` sets both); without them `ConsumersUpToDate`
+    /// renewed drops out, unless its pod still runs: then it counts as `lost`. Needs the
+    /// operator's `--consumer-reports`, leases list/watch and pods get
+    /// (`deploy/components/consumer-reports` sets them all); without them `ConsumersUpToDate`
     /// is `Unknown` with reason `ReportsDisabled`. Default `false`.
     #[serde(default)]
     pub agents: bool,
 
-    /// How long after the refresh that issued the current token (`status.lastRefreshAt`) a
-    /// reporting pod may still serve the previous one before it counts as stale, e.g. `10s`. A stale pod sets `ConsumersUpToDate` to
-    /// `False` with its name. A Go duration of whole hours, minutes and seconds; default
-    /// `10s`; between `1s` and `10m`.
+    /// How long after the first refresh a reporting pod missed (the one that issued the
+    /// token after the one it serves, as far as the operator saw; at first the current
+    /// token's, `status.lastRefreshAt`) it may still serve an older token before it counts
+    /// as stale, e.g. `10s`. A pod stuck on an old token stays stale while tokens keep
+    /// coming. A stale pod sets `ConsumersUpToDate` to `False` with its name. A Go duration
+    /// of whole hours, minutes and seconds; default `10s`; between `1s` and `10m`.
     #[serde(default = "default_stale_after")]
     #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LENGTH))]
     #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$')").message("staleAfter is not a duration such as 90s, 10m or 12h"))]
@@ -368,17 +371,26 @@ pub struct ScgTokenStatus {
 pub struct ConsumersStatus {
     /// `current/total`, e.g. `3/3`: the `CONSUMERS` column of `kubectl get scgtokens`.
     pub summary: String,
-    /// Pods whose agent reported within its Lease duration.
+    /// Pods with a token agent for this ScgToken: those whose agent reported within its
+    /// Lease duration, and the `lost` ones.
     pub total: u32,
     /// Of those, pods serving the current token (the fingerprint in `tokenFingerprint`).
     pub current: u32,
     /// Of those, pods still serving another token (or none) longer than
-    /// `spec.consumers.staleAfter` after the current one was issued. Pods still within
-    /// that grace count neither as current nor as stale.
+    /// `spec.consumers.staleAfter` after the first token they missed was issued. Pods still
+    /// within that grace count neither as current nor as stale.
     pub stale: u32,
     /// Names of the stale pods, sorted, at most 10.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale_pods: Vec<String>,
+    /// Of those, pods that still run (not deleted, not finished) although their agent
+    /// stopped reporting without a clean stop: its Lease expired. Which token they serve is
+    /// unknown; they count until the pod is deleted or its agent reports again.
+    #[serde(default)]
+    pub lost: u32,
+    /// Names of the lost pods, sorted, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_pods: Vec<String>,
     /// Seconds from the refresh call that issued the current token (`lastRefreshAt`, to
     /// the millisecond) to the last reporting pod serving it, counting only pods that were
     /// running then. Unset until one has switched.

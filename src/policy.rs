@@ -3,7 +3,7 @@
 //! due, when is the next one, how long to back off. No I/O; the clock is injected.
 
 mod gates;
-mod target;
+pub(crate) mod target;
 
 pub use gates::{Blocked, CHAIN_OWNER_RECHECK, Cleared, Facts, Stop, Unloaded, gates};
 

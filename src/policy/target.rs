@@ -82,8 +82,8 @@ fn fits_type(t: &TargetSpec) -> Result<(), InvalidSpec> {
     )))
 }
 
-/// A DNS-1123 subdomain, as Secret names must be.
-fn is_subdomain(s: &str) -> bool {
+/// A DNS-1123 subdomain, as Secret (and pod) names must be.
+pub(crate) fn is_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|label| {
             let b = label.as_bytes();

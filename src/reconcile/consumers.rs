@@ -13,7 +13,7 @@
 //!   and the wake-up.
 
 use std::{
-    collections::{HashMap, hash_map::DefaultHasher},
+    collections::{BTreeSet, HashMap, hash_map::DefaultHasher},
     hash::{Hash, Hasher},
     sync::{Mutex, MutexGuard},
     time::Duration,
@@ -248,6 +248,11 @@ const RESTART_RETRY: Duration = Duration::from_secs(30);
 const SYNC_RETRY: Duration = Duration::from_secs(2);
 /// Longest time one nudge (a list and the patches) may take.
 const NUDGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest time the look at the silent agents' pods may take.
+const POD_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a pass comes back while pods are lost, to see whether they are gone: a pod's
+/// deletion usually comes sooner, as the deletion of the Lease it owns.
+const LOST_RECHECK: Duration = Duration::from_secs(30);
 
 impl Pass<'_> {
     /// The consumer part of `out`: first the writes the current token asks for, then
@@ -268,11 +273,13 @@ impl Pass<'_> {
             }
         }
         let now = self.ctx.clock.now();
+        let lost = self.lost_pods(now).await;
         let behind = self.ctx.reports.behind_pods().remove(&self.key);
         let mut settled = settle(&Settle {
             spec,
             reports: &self.reports,
             behind: &behind.unwrap_or_default(),
+            lost: &lost,
             status: &out.status,
             stored_at: self.stored_at(&out.status),
             prev: &self.prev,
@@ -286,7 +293,10 @@ impl Pass<'_> {
         }
         if !settled.behind.is_empty() {
             let behind = std::mem::take(&mut settled.behind);
-            self.ctx.reports.behind_pods().insert(self.key.clone(), behind);
+            self.ctx
+                .reports
+                .behind_pods()
+                .insert(self.key.clone(), behind);
         }
         // A Warning is logged where every Warning Event is published (publish.rs), once;
         // the turn back to normal only here.
@@ -301,6 +311,61 @@ impl Pass<'_> {
         settled.events.extend(acted.events);
         settled.wake = earliest(settled.wake, acted.wake);
         settled
+    }
+
+    /// The pods whose agent went silent (its Lease expired, not released) and that still
+    /// run: the pods named by those Leases are read one by one (pods `get`). A pod that
+    /// cannot be read counts as lost: the operator cannot tell it is gone, and the
+    /// condition must not say all is well while a consumer may hold a dead token.
+    async fn lost_pods(&self, now: Timestamp) -> BTreeSet<String> {
+        let Reports::Read(reports) = &self.reports else {
+            return BTreeSet::new();
+        };
+        let silent: Vec<AgentReport> = consumers::silent_pods(reports, now)
+            .into_iter()
+            .cloned()
+            .collect();
+        if silent.is_empty() {
+            return BTreeSet::new();
+        }
+        let names: BTreeSet<String> = silent.iter().map(|r| r.pod.clone()).collect();
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
+        let checks = futures::stream::iter(silent)
+            .map(move |r: AgentReport| {
+                let pods = pods.clone();
+                async move {
+                    let got = k8s::bounded(pods.get_opt(&r.pod)).await;
+                    (r, got)
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>();
+        let Ok(checked) = tokio::time::timeout(POD_CHECK_TIMEOUT, checks).await else {
+            warn!("reading the pods of silent token agents took too long; counting them as lost");
+            return names;
+        };
+        let mut lost = BTreeSet::new();
+        let mut unread: Option<(usize, String)> = None;
+        for (report, pod) in checked {
+            match pod {
+                Ok(Some(pod)) if consumers::pod_still_runs(&pod, &report) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    let (n, _) = unread.get_or_insert_with(|| (0, k8s::describe(&e)));
+                    *n += 1;
+                }
+            }
+            lost.insert(report.pod);
+        }
+        if let Some((n, why)) = unread {
+            warn!(
+                pods = n,
+                error = %why,
+                "could not read the pods of silent token agents; counting them as lost \
+                 (the operator needs pods get: deploy/components/consumer-reports)"
+            );
+        }
+        lost
     }
 
     fn jitter_key(&self) -> u64 {
@@ -485,6 +550,8 @@ pub(super) struct Settle<'a> {
     pub reports: &'a Reports,
     /// The pods behind the current token as the last pass left them.
     pub behind: &'a BehindPods,
+    /// The pods whose agent went silent while the pod still runs.
+    pub lost: &'a BTreeSet<String>,
     /// Status as the pass leaves it (token fingerprint and times).
     pub status: &'a ScgTokenStatus,
     /// When the current token was issued.
@@ -535,16 +602,22 @@ pub(super) fn settle(i: &Settle<'_>) -> Settled {
         Reports::NotSynced => (i.prev.consumers.clone(), None, None),
         Reports::Read(reports) => {
             behind = consumers::track_behind(i.behind, reports, token);
+            let recheck = (!i.lost.is_empty())
+                .then(|| i.now + SignedDuration::try_from(LOST_RECHECK).unwrap_or_default());
             (
                 Some(consumers::aggregate(
                     reports,
                     token,
                     &behind,
+                    i.lost,
                     stale_after,
                     i.now,
                 )),
                 None,
-                consumers::next_change(reports, &behind, stale_after, i.now),
+                earliest(
+                    consumers::next_change(reports, &behind, stale_after, i.now),
+                    recheck,
+                ),
             )
         }
     };
@@ -598,6 +671,7 @@ mod tests {
     fn agent(pod: &str, fingerprint: &str) -> AgentReport {
         AgentReport {
             pod: pod.into(),
+            pod_uid: None,
             fingerprint: Some(fingerprint.into()),
             since: Some(t(1)),
             started: Some(t(-100)),
@@ -622,6 +696,7 @@ mod tests {
             spec: &spec,
             reports,
             behind: &BehindPods::new(),
+            lost: &BTreeSet::new(),
             status: &status,
             stored_at: Some(t(0)),
             prev,

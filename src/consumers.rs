@@ -12,7 +12,10 @@
 //!
 //! Nothing here sees a token: only fingerprints, pod names and times.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use jiff::{SignedDuration, Timestamp};
@@ -52,6 +55,8 @@ pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(40);
 pub struct AgentReport {
     /// The pod the agent runs in (the Lease's `holderIdentity`).
     pub pod: String,
+    /// That pod's UID, from the Lease's owner reference (set when the agent knows it).
+    pub pod_uid: Option<String>,
     /// Fingerprint of the token the pod serves; `None` while it serves none.
     pub fingerprint: Option<String>,
     /// When the pod started serving that token.
@@ -75,8 +80,14 @@ pub fn report_from_lease(lease: &Lease) -> Option<AgentReport> {
         .and_then(|s| u64::try_from(s).ok())
         .filter(|s| *s > 0)
         .map_or(DEFAULT_LEASE_DURATION, Duration::from_secs);
+    let pod_uid = lease
+        .owner_references()
+        .iter()
+        .find(|o| o.kind == "Pod" && o.name == pod)
+        .map(|o| o.uid.clone());
     Some(AgentReport {
         pod,
+        pod_uid,
         fingerprint: annotations
             .get(SERVED_FINGERPRINT_ANNOTATION)
             .filter(|f| !f.is_empty())
@@ -113,16 +124,92 @@ pub struct CurrentToken<'a> {
     pub stored_at: Option<Timestamp>,
 }
 
-/// Aggregates the reports into `status.consumers`. Pods whose heartbeat expired drop out.
-/// A pod not serving the current token is stale once `stale_after` has passed since the
-/// token was stored, or since the agent started if it started later.
+/// A pod seen not serving the current token, as the operator remembers it from pass to
+/// pass ([`track_behind`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Behind {
+    /// What the pod served when it was last seen behind (`None`: nothing).
+    pub serving: Option<String>,
+    /// When its agent started (the Lease's `acquireTime`): another start is another agent,
+    /// or another pod of the same name.
+    pub started: Option<Timestamp>,
+    /// The store time of the first token the pod did not switch to, as far as the operator
+    /// saw it (or when its agent started, if later). Staleness counts from here.
+    pub since: Timestamp,
+}
+
+/// The pods not serving the current token, by pod name.
+pub type BehindPods = BTreeMap<String, Behind>;
+
+/// Since when each reported pod has not served the current token: carried over from
+/// `previous` (the last pass's answer) while the pod stays on the token it served then,
+/// so that a pod stuck on an old token is not forgiven at each new rotation.
+///
+/// - A pod first seen behind counts from the current token's store, or from its agent's
+///   start if later: the operator does not know of an earlier miss.
+/// - A pod that switched since, though not to the current token, made progress: it counts
+///   again from the current token's store.
+/// - A pod whose agent started again (another `acquireTime`) counts as first seen.
+/// - A pod serving the current token, or no longer reported, is forgotten.
+///
+/// Before a token was stored nothing is behind.
+pub fn track_behind(
+    previous: &BehindPods,
+    reports: &[AgentReport],
+    token: CurrentToken<'_>,
+) -> BehindPods {
+    let mut behind = BehindPods::new();
+    let Some(current) = token.fingerprint else {
+        return behind;
+    };
+    for r in reports {
+        if r.fingerprint.as_deref() == Some(current) || behind.contains_key(&r.pod) {
+            continue;
+        }
+        let kept = previous.get(&r.pod).filter(|b| {
+            b.started == r.started && (r.fingerprint.is_none() || r.fingerprint == b.serving)
+        });
+        let since = match (kept, token.stored_at, r.started) {
+            (Some(b), _, _) => Some(b.since),
+            (None, Some(a), Some(b)) => Some(a.max(b)),
+            (None, a, b) => a.or(b),
+        };
+        if let Some(since) = since {
+            let serving = r
+                .fingerprint
+                .clone()
+                .or(kept.and_then(|b| b.serving.clone()));
+            behind.insert(
+                r.pod.clone(),
+                Behind {
+                    serving,
+                    started: r.started,
+                    since,
+                },
+            );
+        }
+    }
+    behind
+}
+
+/// Aggregates the reports into `status.consumers`. A pod not serving the current token is
+/// stale once `stale_after` has passed since the first store it missed (`behind`, from
+/// [`track_behind`]). Pods whose heartbeat expired drop out, except the `lost` ones: their
+/// pod still runs ([`silent_pods`], [`pod_still_runs`]), and they count in the total.
 pub fn aggregate(
     reports: &[AgentReport],
     token: CurrentToken<'_>,
+    behind: &BehindPods,
+    lost: &BTreeSet<String>,
     stale_after: Duration,
     now: Timestamp,
 ) -> ConsumersStatus {
-    let mut status = ConsumersStatus::default();
+    let mut status = ConsumersStatus {
+        lost: u32::try_from(lost.len()).unwrap_or(u32::MAX),
+        lost_pods: lost.iter().take(MAX_STALE_NAMES).cloned().collect(),
+        ..ConsumersStatus::default()
+    };
+    status.total = status.lost;
     let mut stale = Vec::new();
     let mut slowest: Option<SignedDuration> = None;
     for r in reports.iter().filter(|r| is_alive(r, now)) {
@@ -140,7 +227,7 @@ pub fn aggregate(
             }
             continue;
         }
-        if stale_at(r, token, stale_after).is_some_and(|t| t < now) {
+        if stale_at(r, behind, stale_after).is_some_and(|t| t < now) {
             stale.push(r.pod.clone());
         }
     }
@@ -154,19 +241,49 @@ pub fn aggregate(
     status
 }
 
-/// When a pod not serving the current token becomes stale: `stale_after` after the
-/// token was stored, or after the agent started if it started later. `None` before a
-/// token was stored, or when the pod serves it.
-fn stale_at(r: &AgentReport, token: CurrentToken<'_>, stale_after: Duration) -> Option<Timestamp> {
-    let fingerprint = token.fingerprint?;
-    if r.fingerprint.as_deref() == Some(fingerprint) {
-        return None;
-    }
-    let reference = match (token.stored_at, r.started) {
-        (Some(a), Some(b)) => Some(a.max(b)),
-        (a, b) => a.or(b),
+/// The pods whose agent stopped reporting without releasing its Lease (a dead or frozen
+/// agent: its heartbeat expired) and that no live report names, each with its last report,
+/// sorted by pod. A Lease's holder is whatever its writer put there: one that is not a pod
+/// name is left out. Whether such a pod still runs is for the caller to ask
+/// ([`pod_still_runs`]): a pod that runs is `lost`, not gone.
+pub fn silent_pods(reports: &[AgentReport], now: Timestamp) -> Vec<&AgentReport> {
+    let alive: BTreeSet<&str> = reports
+        .iter()
+        .filter(|r| is_alive(r, now))
+        .map(|r| r.pod.as_str())
+        .collect();
+    let mut silent: BTreeMap<&str, &AgentReport> = BTreeMap::new();
+    // A holder that is no pod name names no pod, and is never put in a request path.
+    let silent_pod = |r: &&AgentReport| {
+        !alive.contains(r.pod.as_str()) && crate::policy::target::is_subdomain(&r.pod)
     };
-    reference.map(|t| after(t, stale_after))
+    for r in reports.iter().filter(silent_pod) {
+        silent.entry(r.pod.as_str()).or_insert(r);
+    }
+    silent.into_values().collect()
+}
+
+/// Whether `pod` is the one a silent report names and still runs: the same UID when the
+/// report knows it (a pod of the same name created since is another pod, with an agent
+/// that reports for itself), not being deleted, not finished. Such a pod's consumers still
+/// hold whatever token they had, and nobody reports which.
+pub fn pod_still_runs(pod: &Pod, report: &AgentReport) -> bool {
+    let same = report
+        .pod_uid
+        .as_ref()
+        .is_none_or(|uid| pod.metadata.uid.as_ref() == Some(uid));
+    let finished = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|p| p == "Succeeded" || p == "Failed");
+    same && pod.metadata.deletion_timestamp.is_none() && !finished
+}
+
+/// When a pod not serving the current token becomes stale: `stale_after` after the first
+/// store it missed. `None` when it is not behind.
+fn stale_at(r: &AgentReport, behind: &BehindPods, stale_after: Duration) -> Option<Timestamp> {
+    behind.get(&r.pod).map(|b| after(b.since, stale_after))
 }
 
 /// How long after an instant a look finds it passed: [`aggregate`] counts a pod stale
@@ -179,7 +296,7 @@ const LOOK_AFTER: Duration = Duration::from_millis(100);
 /// polling; a report that changes triggers a pass of its own.
 pub fn next_change(
     reports: &[AgentReport],
-    token: CurrentToken<'_>,
+    behind: &BehindPods,
     stale_after: Duration,
     now: Timestamp,
 ) -> Option<Timestamp> {
@@ -188,7 +305,7 @@ pub fn next_change(
         .filter(|r| is_alive(r, now))
         .flat_map(|r| {
             let expiry = r.renewed.map(|t| after(t, r.duration));
-            let stale = stale_at(r, token, stale_after).filter(|t| *t >= now);
+            let stale = stale_at(r, behind, stale_after).filter(|t| *t >= now);
             [expiry, stale]
         })
         .flatten()
@@ -211,6 +328,8 @@ pub enum ConditionReason {
     ReportsDisabled,
     /// The operator could not read the report Leases (e.g. no permission).
     ReportsUnavailable,
+    /// Pods still run whose agent stopped reporting: which token they serve is unknown.
+    LostConsumers,
 }
 
 impl ConditionReason {
@@ -222,6 +341,7 @@ impl ConditionReason {
             ConditionReason::RestartRefused => "RestartRefused",
             ConditionReason::ReportsDisabled => "ReportsDisabled",
             ConditionReason::ReportsUnavailable => "ReportsUnavailable",
+            ConditionReason::LostConsumers => "LostConsumers",
         }
     }
 }
@@ -251,7 +371,7 @@ pub struct ConditionInputs<'a> {
 
 /// How the operator is told to read reports, for messages.
 pub const ENABLE_REPORTS_HINT: &str = "run the operator with --consumer-reports \
-     (SCG_CONSUMER_REPORTS=true) and the leases list/watch permission; \
+     (SCG_CONSUMER_REPORTS=true) and the leases list/watch and pods get permissions; \
      deploy/components/consumer-reports does both";
 
 /// The `ConsumersUpToDate` condition, or `None` when nothing is asked of consumers (no
@@ -300,19 +420,32 @@ fn aggregate_condition(
     s: &ConsumersStatus,
     stale_after: Duration,
 ) -> (&'static str, ConditionReason, String) {
+    let lost = (s.lost > 0).then(|| {
+        format!(
+            "{} of {} pods with a token agent still run but their agent stopped reporting \
+             (its Lease expired), so which token they serve is unknown: {}",
+            s.lost,
+            s.total,
+            names(&s.lost_pods, s.lost)
+        )
+    });
     if s.stale > 0 {
-        return (
-            "False",
-            ConditionReason::StaleConsumers,
-            format!(
-                "{} of {} reporting pods still serve an older token (or none) more than {}s \
-                 after the current one was issued: {}",
-                s.stale,
-                s.total,
-                stale_after.as_secs(),
-                names(&s.stale_pods, s.stale)
-            ),
+        let mut m = format!(
+            "{} of {} reporting pods still serve an older token (or none) more than {}s \
+             after the current one was issued: {}",
+            s.stale,
+            s.total,
+            stale_after.as_secs(),
+            names(&s.stale_pods, s.stale)
         );
+        if let Some(lost) = lost {
+            m.push_str("; ");
+            m.push_str(&lost);
+        }
+        return ("False", ConditionReason::StaleConsumers, m);
+    }
+    if let Some(lost) = lost {
+        return ("False", ConditionReason::LostConsumers, lost);
     }
     if s.total == 0 {
         return (
@@ -323,7 +456,7 @@ fn aggregate_condition(
                 .to_string(),
         );
     }
-    let switching = s.total - s.current - s.stale;
+    let switching = s.total.saturating_sub(s.current + s.stale);
     let mut m = format!(
         "{} of {} reporting pods serve the current token",
         s.current, s.total
@@ -380,11 +513,11 @@ pub fn transition_event(previous: Option<&Condition>, next: &Condition) -> Optio
 pub struct ConsumerLabels {
     pub namespace: String,
     pub name: String,
-    /// `current`, `switching` or `stale`.
+    /// `current`, `switching`, `stale` or `lost`.
     pub state: &'static str,
 }
 
-/// `scgtoken_consumers{namespace,name,state}`: reporting pods by state.
+/// `scgtoken_consumers{namespace,name,state}`: pods with a token agent by state.
 pub struct ConsumerMetrics {
     pub consumers: Family<ConsumerLabels, Gauge<i64, std::sync::atomic::AtomicI64>>,
 }
@@ -405,11 +538,14 @@ impl ConsumerMetrics {
 
     /// Records an aggregate.
     pub fn observe(&self, namespace: &str, name: &str, status: &ConsumersStatus) {
-        let switching = status.total - status.current - status.stale;
+        let switching = status
+            .total
+            .saturating_sub(status.current + status.stale + status.lost);
         for (state, n) in [
             ("current", status.current),
             ("switching", switching),
             ("stale", status.stale),
+            ("lost", status.lost),
         ] {
             self.consumers
                 .get_or_create(&ConsumerLabels {
@@ -423,7 +559,7 @@ impl ConsumerMetrics {
 
     /// Drops the series of a deleted ScgToken (or one that stopped aggregating).
     pub fn forget(&self, namespace: &str, name: &str) {
-        for state in ["current", "switching", "stale"] {
+        for state in ["current", "switching", "stale", "lost"] {
             self.consumers.remove(&ConsumerLabels {
                 namespace: namespace.into(),
                 name: name.into(),
@@ -673,7 +809,7 @@ pub async fn nudge_pods(
 mod tests {
     use k8s_openapi::{
         api::coordination::v1::LeaseSpec,
-        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta},
+        apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference},
     };
 
     use super::*;
@@ -694,12 +830,34 @@ mod tests {
     fn agent(pod: &str, fingerprint: Option<&str>, since: i64, renewed: i64) -> AgentReport {
         AgentReport {
             pod: pod.into(),
+            pod_uid: None,
             fingerprint: fingerprint.map(str::to_string),
             since: Some(at(since)),
             started: Some(at(-3600)),
             renewed: Some(at(renewed)),
             duration: Duration::from_secs(30),
         }
+    }
+
+    /// [`aggregate`] as a first pass sees it: nothing remembered of the pods.
+    fn aggregate_fresh(
+        reports: &[AgentReport],
+        token: CurrentToken<'_>,
+        stale_after: Duration,
+        now: Timestamp,
+    ) -> ConsumersStatus {
+        let behind = track_behind(&BehindPods::new(), reports, token);
+        aggregate(reports, token, &behind, &BTreeSet::new(), stale_after, now)
+    }
+
+    fn next_change_fresh(
+        reports: &[AgentReport],
+        token: CurrentToken<'_>,
+        stale_after: Duration,
+        now: Timestamp,
+    ) -> Option<Timestamp> {
+        let behind = track_behind(&BehindPods::new(), reports, token);
+        next_change(reports, &behind, stale_after, now)
     }
 
     fn current() -> CurrentToken<'static> {
@@ -779,7 +937,7 @@ mod tests {
             },
         ];
         for c in cases {
-            let s = aggregate(&c.reports, current(), GRACE, at(c.now));
+            let s = aggregate_fresh(&c.reports, current(), GRACE, at(c.now));
             assert_eq!(s.summary, c.summary, "{}", c.name);
             assert_eq!(s.stale_pods, c.stale, "{}", c.name);
             assert_eq!(s.stale as usize, c.stale.len(), "{}", c.name);
@@ -793,14 +951,160 @@ mod tests {
         late.started = Some(at(290));
         let mut booting = agent("booting", None, 300, 300);
         booting.started = Some(at(295));
-        let s = aggregate(&[late, booting.clone()], current(), GRACE, at(301));
+        let s = aggregate_fresh(&[late, booting.clone()], current(), GRACE, at(301));
         assert_eq!((s.current, s.total, s.stale), (1, 2, 0));
         // Its 290 s "switch" is a start, not a switch.
         assert_eq!(s.slowest_switch_seconds, None);
         // Ten seconds after its own start it counts as stale.
         booting.renewed = Some(at(306));
-        let s = aggregate(&[booting], current(), GRACE, at(306));
+        let s = aggregate_fresh(&[booting], current(), GRACE, at(306));
         assert_eq!(s.stale_pods, ["booting"]);
+    }
+
+    #[test]
+    fn a_pod_stuck_on_an_old_token_stays_stale_across_rotations() {
+        // Token "t1" stored at 0, "t2" at 22, "t3" at 44; pod "b" stays on "t0".
+        let token = |fp: &'static str, stored: i64| CurrentToken {
+            fingerprint: Some(fp),
+            stored_at: Some(at(stored)),
+        };
+        let a = |fp: &str, renewed: i64| agent("a", Some(fp), renewed, renewed);
+        let b = |renewed: i64| agent("b", Some("t0"), -50, renewed);
+        let pass = |prev: &BehindPods, reports: &[AgentReport], tok, now| {
+            let behind = track_behind(prev, reports, tok);
+            let s = aggregate(reports, tok, &behind, &BTreeSet::new(), GRACE, at(now));
+            (behind, s)
+        };
+        let (behind, s) = pass(&BehindPods::new(), &[a("t1", 1), b(1)], token("t1", 0), 11);
+        assert_eq!(s.stale_pods, ["b"]);
+        // The next token: "b" missed "t1" at 0, so it is still stale right after "t2".
+        let reports = [a("t2", 23), b(23)];
+        let (behind, s) = pass(&behind, &reports, token("t2", 22), 23);
+        assert_eq!((s.stale, s.current, s.total), (1, 1, 2));
+        assert_eq!(behind["b"].since, at(0));
+        assert_eq!(
+            next_change(&reports, &behind, GRACE, at(23)),
+            Some(at(53) + SignedDuration::from_millis(100))
+        );
+        let (behind, s) = pass(&behind, &[a("t3", 45), b(45)], token("t3", 44), 45);
+        assert_eq!(s.stale_pods, ["b"]);
+        // Progress, though not to the current token: counted from the current store.
+        let (behind, s) = pass(
+            &behind,
+            &[a("t3", 46), agent("b", Some("t2"), 46, 46)],
+            token("t3", 44),
+            47,
+        );
+        assert_eq!((s.stale, behind["b"].since), (0, at(44)));
+        // Serving nothing for a moment is no progress.
+        let (behind, _) = pass(&behind, &[agent("b", None, 46, 47)], token("t3", 44), 48);
+        assert_eq!(behind["b"].since, at(44));
+        // Switched: forgotten; a restarted agent counts from its start.
+        let (behind, _) = pass(
+            &behind,
+            &[agent("b", Some("t3"), 49, 49)],
+            token("t3", 44),
+            50,
+        );
+        assert!(behind.is_empty());
+        let mut restarted = b(60);
+        restarted.started = Some(at(58));
+        let prev = BehindPods::from([(
+            "b".to_string(),
+            Behind {
+                serving: Some("t0".into()),
+                started: Some(at(-3600)),
+                since: at(0),
+            },
+        )]);
+        let behind = track_behind(&prev, &[restarted], token("t3", 44));
+        assert_eq!(behind["b"].since, at(58));
+        // Nothing is behind before a token was stored.
+        let none = CurrentToken {
+            fingerprint: None,
+            stored_at: None,
+        };
+        assert!(track_behind(&prev, &[b(1)], none).is_empty());
+    }
+
+    #[test]
+    fn a_silent_agent_whose_pod_still_runs_is_lost_and_turns_the_condition_false() {
+        // "a" current; "dead" renewed at -5 for 30 s, so silent at 26; "moved" has a
+        // silent Lease but a live one too (its agent reports again).
+        let mut moved_old = agent("moved", Some("old"), -50, -40);
+        moved_old.duration = Duration::from_secs(10);
+        let reports = [
+            agent("a", Some("new"), 0, 25),
+            agent("dead", Some("old"), -50, -5),
+            moved_old,
+            agent("moved", Some("new"), 1, 25),
+            agent("../secrets/x", Some("old"), -50, -5),
+        ];
+        let silent: Vec<&str> = silent_pods(&reports, at(26))
+            .iter()
+            .map(|r| r.pod.as_str())
+            .collect();
+        assert_eq!(silent, ["dead"]);
+        assert!(silent_pods(&reports, at(20)).is_empty());
+        let lost = BTreeSet::from(["dead".to_string()]);
+        let behind = track_behind(&BehindPods::new(), &reports, current());
+        let s = aggregate(&reports, current(), &behind, &lost, GRACE, at(26));
+        assert_eq!(
+            (s.summary.as_str(), s.total, s.current, s.stale, s.lost),
+            ("2/3", 3, 2, 0, 1)
+        );
+        assert_eq!(s.lost_pods, ["dead"]);
+        let c = condition(
+            None,
+            ConditionInputs {
+                status: Some(&s),
+                unread: None,
+                refusal: None,
+                stale_after: GRACE,
+                generation: None,
+                now: at(26),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "LostConsumers")
+        );
+        assert!(c.message.contains("1 of 3 pods"), "{}", c.message);
+        assert!(c.message.ends_with("unknown: dead"), "{}", c.message);
+        let e = transition_event(None, &c).unwrap();
+        assert_eq!(
+            (e.type_, e.reason.as_str()),
+            (EventType::Warning, "LostConsumers")
+        );
+    }
+
+    #[test]
+    fn a_pod_still_runs_unless_replaced_deleted_or_finished() {
+        let pod = |uid: &str, phase: &str, deleting: bool| Pod {
+            metadata: ObjectMeta {
+                name: Some("p".into()),
+                uid: Some(uid.into()),
+                deletion_timestamp: deleting.then(|| Time(at(0))),
+                ..ObjectMeta::default()
+            },
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                phase: Some(phase.into()),
+                ..Default::default()
+            }),
+            ..Pod::default()
+        };
+        let mut report = agent("p", Some("old"), 0, 0);
+        report.pod_uid = Some("u1".into());
+        assert!(pod_still_runs(&pod("u1", "Running", false), &report));
+        assert!(pod_still_runs(&pod("u1", "Pending", false), &report));
+        assert!(!pod_still_runs(&pod("u2", "Running", false), &report));
+        assert!(!pod_still_runs(&pod("u1", "Running", true), &report));
+        assert!(!pod_still_runs(&pod("u1", "Failed", false), &report));
+        assert!(!pod_still_runs(&pod("u1", "Succeeded", false), &report));
+        // An agent that does not know its pod's UID: the name decides.
+        report.pod_uid = None;
+        assert!(pod_still_runs(&pod("u2", "Running", false), &report));
     }
 
     #[test]
@@ -809,7 +1113,7 @@ mod tests {
             fingerprint: None,
             stored_at: None,
         };
-        let s = aggregate(&[agent("a", None, 0, 100)], none, GRACE, at(100));
+        let s = aggregate_fresh(&[agent("a", None, 0, 100)], none, GRACE, at(100));
         assert_eq!((s.total, s.current, s.stale), (1, 0, 0));
     }
 
@@ -819,7 +1123,7 @@ mod tests {
             .rev()
             .map(|i| agent(&format!("pod-{i:02}"), Some("old"), -50, 20))
             .collect();
-        let s = aggregate(&reports, current(), GRACE, at(21));
+        let s = aggregate_fresh(&reports, current(), GRACE, at(21));
         assert_eq!(s.stale, 15);
         assert_eq!(s.stale_pods.len(), MAX_STALE_NAMES);
         assert_eq!(s.stale_pods[0], "pod-00");
@@ -860,7 +1164,7 @@ mod tests {
 
     #[test]
     fn condition_says_up_to_date_no_reports_or_refused() {
-        let ok = aggregate(
+        let ok = aggregate_fresh(
             &[agent("a", Some("new"), 0, 0), agent("b", Some("old"), 0, 0)],
             current(),
             GRACE,
@@ -873,7 +1177,7 @@ mod tests {
             "1 of 2 reporting pods serve the current token; 1 switching"
         );
 
-        let empty = aggregate(&[], current(), GRACE, at(1));
+        let empty = aggregate_fresh(&[], current(), GRACE, at(1));
         assert_eq!(empty.summary, "0/0");
         let c = cond(Some(&empty), None).unwrap();
         assert_eq!(
@@ -892,7 +1196,7 @@ mod tests {
 
     #[test]
     fn condition_keeps_its_transition_time_while_the_status_holds() {
-        let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
+        let s = aggregate_fresh(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
         let inputs = |now| ConditionInputs {
             status: Some(&s),
             unread: None,
@@ -960,7 +1264,7 @@ mod tests {
 
     #[test]
     fn reports_that_cannot_be_read_say_how_to_enable_them() {
-        let s = aggregate(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
+        let s = aggregate_fresh(&[agent("a", Some("new"), 0, 0)], current(), GRACE, at(1));
         let with = |unread, refusal| {
             condition(
                 None,
@@ -1004,26 +1308,26 @@ mod tests {
         // A current pod renewed at 5 (30 s lease): its expiry is the only change ahead.
         let a = agent("a", Some("new"), 1, 5);
         assert_eq!(
-            next_change(std::slice::from_ref(&a), current(), GRACE, at(6)),
+            next_change_fresh(std::slice::from_ref(&a), current(), GRACE, at(6)),
             Some(look(at(35)))
         );
         // A switching pod turns stale 10 s after the store, before that expiry.
         let b = agent("b", Some("old"), -50, 5);
         assert_eq!(
-            next_change(&[a.clone(), b.clone()], current(), GRACE, at(6)),
+            next_change_fresh(&[a.clone(), b.clone()], current(), GRACE, at(6)),
             Some(look(at(10)))
         );
         // Once it is stale only expiries are ahead.
         assert_eq!(
-            next_change(&[a.clone(), b], current(), GRACE, at(11)),
+            next_change_fresh(&[a.clone(), b], current(), GRACE, at(11)),
             Some(look(at(35)))
         );
         // Dead agents have nothing ahead; nor does an empty list.
-        assert_eq!(next_change(&[a], current(), GRACE, at(36)), None);
-        assert_eq!(next_change(&[], current(), GRACE, at(0)), None);
+        assert_eq!(next_change_fresh(&[a], current(), GRACE, at(36)), None);
+        assert_eq!(next_change_fresh(&[], current(), GRACE, at(0)), None);
         // Waking then sees the change.
         let b = agent("b", Some("old"), -50, 5);
-        let s = aggregate(&[b], current(), GRACE, look(at(10)));
+        let s = aggregate_fresh(&[b], current(), GRACE, look(at(10)));
         assert_eq!(s.stale_pods, ["b"]);
     }
 
@@ -1135,6 +1439,13 @@ mod tests {
                     (SERVED_FINGERPRINT_ANNOTATION.into(), "abc".into()),
                     (SERVED_SINCE_ANNOTATION.into(), at(3).to_string()),
                 ])),
+                owner_references: Some(vec![OwnerReference {
+                    api_version: "v1".into(),
+                    kind: "Pod".into(),
+                    name: "p".into(),
+                    uid: "uid-p".into(),
+                    ..OwnerReference::default()
+                }]),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -1150,6 +1461,7 @@ mod tests {
             r,
             AgentReport {
                 pod: "p".into(),
+                pod_uid: Some("uid-p".into()),
                 fingerprint: Some("abc".into()),
                 since: Some(at(3)),
                 started: Some(at(-10)),
@@ -1169,7 +1481,7 @@ mod tests {
     fn metrics_count_pods_by_state_and_forget_them() {
         let mut registry = Registry::default();
         let m = ConsumerMetrics::register(&mut registry);
-        let s = aggregate(
+        let s = aggregate_fresh(
             &[
                 agent("a", Some("new"), 0, 20),
                 agent("b", Some("old"), 0, 20),

@@ -53,8 +53,16 @@ pub const RESTARTED_FOR_ANNOTATION: &str = "scgtoken.io/restarted-for";
 pub const RESTARTED_AT_ANNOTATION: &str = "scgtoken.io/restarted-at";
 
 /// Go-style duration as the API server's CEL `duration()` accepts it, restricted to whole
-/// hours, minutes and seconds ("90s", "12h", "1h30m").
-const DURATION_PATTERN: &str = "^([0-9]+(h|m|s))+$";
+/// hours, minutes and seconds ("90s", "12h", "1h30m"). With at most
+/// [`DURATION_MAX_LENGTH`] characters, at most 6 digits of hours, 8 of minutes and 9 of
+/// seconds, no such string overflows `duration()` (about 2,562,047 hours): each CEL rule
+/// that calls it checks this pattern first, so a bad value gets the rule's own message and
+/// never a type conversion error. The CEL rules spell the pattern out (a test checks that
+/// they agree); [`crate::policy::parse_duration`] applies the same limits.
+pub const DURATION_PATTERN: &str = "^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$";
+/// Longest duration string: enough for any value the rules admit ("8759h59m59s",
+/// "31536000s"), short enough that no string of the pattern overflows.
+pub const DURATION_MAX_LENGTH: usize = 15;
 
 /// Keeps a Syniverse SCG access token fresh in a Secret.
 ///
@@ -80,7 +88,7 @@ const DURATION_PATTERN: &str = "^([0-9]+(h|m|s))+$";
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("!(has(self.refreshBefore) && has(self.refreshBeforePercentage))").message("set refreshBefore or refreshBeforePercentage, not both"))]
-#[x_kube(validation = Rule::new("!has(self.refreshBefore) || (duration(self.refreshBefore) > duration('0s') && duration(self.refreshBefore) < duration(self.validity))").message("refreshBefore must be longer than 0s and shorter than validity"))]
+#[x_kube(validation = Rule::new("!has(self.refreshBefore) || !self.refreshBefore.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$') || !self.validity.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$') || (duration(self.refreshBefore) > duration('0s') && duration(self.refreshBefore) < duration(self.validity))").message("refreshBefore must be longer than 0s and shorter than validity"))]
 #[serde(rename_all = "camelCase")]
 pub struct ScgTokenSpec {
     /// The Secret, in the ScgToken's own namespace, holding the application's consumer
@@ -94,8 +102,9 @@ pub struct ScgTokenSpec {
     /// A Go duration of whole hours, minutes and seconds, e.g. `60s`, `12h`, `1h30m`.
     /// Default `24h`; at least `30s`, at most `8760h` (a year).
     #[serde(default = "default_validity")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('30s') && duration(self) <= duration('8760h')").message("validity must be between 30s and 8760h"))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LENGTH))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$')").message("validity is not a duration such as 90s, 10m or 12h"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$') || (duration(self) >= duration('30s') && duration(self) <= duration('8760h'))").message("validity must be between 30s and 8760h"))]
     pub validity: String,
 
     /// How long before expiry to refresh, e.g. `10m`. Longer than `0s` and shorter than
@@ -105,7 +114,8 @@ pub struct ScgTokenSpec {
     /// need room for the kubelet, which takes up to about 90 s to update it; pods served by the
     /// token agent switch within a second. Unset by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LENGTH))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$')").message("refreshBefore is not a duration such as 90s, 10m or 12h"))]
     pub refresh_before: Option<String>,
 
     /// How much of each token's returned lifetime is left when it is refreshed, in
@@ -132,8 +142,9 @@ pub struct ScgTokenSpec {
 
     /// Time limit of one refresh call, a Go duration. Default `10s`; between `1s` and `2m`.
     #[serde(default = "default_timeout")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('2m')").message("timeout must be between 1s and 2m"))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LENGTH))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$')").message("timeout is not a duration such as 90s, 10m or 12h"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$') || (duration(self) >= duration('1s') && duration(self) <= duration('2m'))").message("timeout must be between 1s and 2m"))]
     pub timeout: String,
 
     /// The Secret the operator writes each token into, and workloads read it from.
@@ -160,19 +171,23 @@ pub struct ConsumersSpec {
     /// `status.consumers` and the `ConsumersUpToDate` condition. Each agent reports, in a
     /// Lease of its own labelled `scgtoken.io/scgtoken: <this ScgToken's name>` in this
     /// namespace, the fingerprint of the token its pod serves. An agent whose Lease is not
-    /// renewed drops out. Needs the operator's `--consumer-reports` and leases list/watch
-    /// (`deploy/components/consumer-reports` sets both); without them `ConsumersUpToDate`
+    /// renewed drops out, unless its pod still runs: then it counts as `lost`. Needs the
+    /// operator's `--consumer-reports`, leases list/watch and pods get
+    /// (`deploy/components/consumer-reports` sets them all); without them `ConsumersUpToDate`
     /// is `Unknown` with reason `ReportsDisabled`. Default `false`.
     #[serde(default)]
     pub agents: bool,
 
-    /// How long after the refresh that issued the current token (`status.lastRefreshAt`) a
-    /// reporting pod may still serve the previous one before it counts as stale, e.g. `10s`. A stale pod sets `ConsumersUpToDate` to
-    /// `False` with its name. A Go duration of whole hours, minutes and seconds; default
-    /// `10s`; between `1s` and `10m`.
+    /// How long after the first refresh a reporting pod missed (the one that issued the
+    /// token after the one it serves, as far as the operator saw; at first the current
+    /// token's, `status.lastRefreshAt`) it may still serve an older token before it counts
+    /// as stale, e.g. `10s`. A pod stuck on an old token stays stale while tokens keep
+    /// coming. A stale pod sets `ConsumersUpToDate` to `False` with its name. A Go duration
+    /// of whole hours, minutes and seconds; default `10s`; between `1s` and `10m`.
     #[serde(default = "default_stale_after")]
-    #[schemars(regex(pattern = DURATION_PATTERN))]
-    #[x_kube(validation = Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('10m')").message("staleAfter must be between 1s and 10m"))]
+    #[schemars(regex(pattern = DURATION_PATTERN), length(max = DURATION_MAX_LENGTH))]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$')").message("staleAfter is not a duration such as 90s, 10m or 12h"))]
+    #[x_kube(validation = Rule::new("!self.matches('^([0-9]{1,6}h|[0-9]{1,8}m|[0-9]{1,9}s)+$') || (duration(self) >= duration('1s') && duration(self) <= duration('10m'))").message("staleAfter must be between 1s and 10m"))]
     pub stale_after: String,
 
     /// Pods in this namespace that mount the target Secret as a plain volume, without an
@@ -257,24 +272,28 @@ const SECRET_KEY_PATTERN: &str = "^[-._a-zA-Z0-9]+$";
 
 /// The target Secret: where the current token lives.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("!has(self.expiryKey) || self.expiryKey != (has(self.tokenKey) ? self.tokenKey : 'accessToken')").message("target expiryKey must differ from tokenKey: the expiry would overwrite the token"))]
 #[serde(rename_all = "camelCase")]
 pub struct TargetSpec {
-    /// Name of the Secret, in the ScgToken's namespace. Default: the ScgToken's name. An
+    /// Name of the Secret, in the ScgToken's namespace: a DNS-1123 subdomain, as every
+    /// Secret name (lower case letters, digits, `-` and `.`). Default: the ScgToken's name. An
     /// existing Secret is only taken over when it carries the operator's ownership marker
     /// (label `app.kubernetes.io/managed-by: scg-token-operator` and annotation
     /// `scgtoken.io/owner: <ScgToken name>`). The Secret holds the token chain: renaming
     /// the target of a running chain starts over from the seed, which is usually revoked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit"))]
     pub name: Option<String>,
     /// Key holding the access token. Default `accessToken`.
     #[serde(default = "default_access_token_key")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub token_key: String,
-    /// Optional key holding the token's expiry time as RFC 3339, e.g. `expiresAt`.
-    /// Unset by default (the expiry is always in the annotation `scgtoken.io/expires-at`).
+    /// Optional key holding the token's expiry time as RFC 3339, e.g. `expiresAt`; it must
+    /// differ from `tokenKey`. Unset by default (the expiry is always in the annotation
+    /// `scgtoken.io/expires-at`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = SECRET_KEY_PATTERN))]
+    #[schemars(regex(pattern = SECRET_KEY_PATTERN), length(max = 253))]
     pub expiry_key: Option<String>,
     /// Extra labels of the target Secret. Labels removed here are not removed from an
     /// existing Secret.
@@ -364,17 +383,26 @@ pub struct ScgTokenStatus {
 pub struct ConsumersStatus {
     /// `current/total`, e.g. `3/3`: the `CONSUMERS` column of `kubectl get scgtokens`.
     pub summary: String,
-    /// Pods whose agent reported within its Lease duration.
+    /// Pods with a token agent for this ScgToken: those whose agent reported within its
+    /// Lease duration, and the `lost` ones.
     pub total: u32,
     /// Of those, pods serving the current token (the fingerprint in `tokenFingerprint`).
     pub current: u32,
     /// Of those, pods still serving another token (or none) longer than
-    /// `spec.consumers.staleAfter` after the current one was issued. Pods still within
-    /// that grace count neither as current nor as stale.
+    /// `spec.consumers.staleAfter` after the first token they missed was issued. Pods still
+    /// within that grace count neither as current nor as stale.
     pub stale: u32,
     /// Names of the stale pods, sorted, at most 10.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stale_pods: Vec<String>,
+    /// Of those, pods that still run (not deleted, not finished) although their agent
+    /// stopped reporting without a clean stop: its Lease expired. Which token they serve is
+    /// unknown; they count until the pod is deleted or its agent reports again.
+    #[serde(default)]
+    pub lost: u32,
+    /// Names of the lost pods, sorted, at most 10.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost_pods: Vec<String>,
     /// Seconds from the refresh call that issued the current token (`lastRefreshAt`, to
     /// the millisecond) to the last reporting pod serving it, counting only pods that were
     /// running then. Unset until one has switched.
@@ -540,6 +568,54 @@ mod tests {
         );
     }
 
+    /// Every rule that calls CEL's `duration()` on a field first checks that field against
+    /// [`DURATION_PATTERN`], so a malformed value gets a rule's message, never a type
+    /// conversion error; and the CEL spelling of the pattern is the schema's.
+    #[test]
+    fn every_duration_rule_checks_the_pattern_first() {
+        use kube::CustomResourceExt;
+        fn rules(v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        if k == "x-kubernetes-validations" {
+                            for r in v.as_array().into_iter().flatten() {
+                                out.push(r["rule"].as_str().unwrap_or_default().to_string());
+                            }
+                        } else {
+                            rules(v, out);
+                        }
+                    }
+                }
+                serde_json::Value::Array(a) => a.iter().for_each(|v| rules(v, out)),
+                _ => {}
+            }
+        }
+        let crd = serde_json::to_value(ScgToken::crd()).unwrap();
+        let mut all = Vec::new();
+        rules(&crd, &mut all);
+        let mut checked = 0;
+        for rule in &all {
+            for field in ["self", "self.refreshBefore", "self.validity"] {
+                if rule.contains(&format!("duration({field})")) {
+                    checked += 1;
+                    let guard = format!("!{field}.matches('{DURATION_PATTERN}')");
+                    let at = rule.find(&guard);
+                    assert!(
+                        at.is_some_and(|at| at < rule.find("duration(").unwrap_or(0)),
+                        "{rule} does not check {field} against the pattern first"
+                    );
+                }
+            }
+        }
+        assert_eq!(checked, 5, "{all:#?}");
+        let formats = all
+            .iter()
+            .filter(|r| **r == format!("self.matches('{DURATION_PATTERN}')"))
+            .count();
+        assert_eq!(formats, 4, "one format rule per duration field: {all:#?}");
+    }
+
     #[test]
     fn crd_carries_the_schema_rules() {
         let yaml = crd_yaml();
@@ -547,7 +623,10 @@ mod tests {
             "x-kubernetes-validations",
             "refreshBefore must be longer than 0s and shorter than validity",
             "set refreshBefore or refreshBeforePercentage, not both",
-            "duration(self) >= duration('30s')",
+            "validity must be between 30s and 8760h",
+            "validity is not a duration such as 90s, 10m or 12h",
+            "target name is not a valid Secret name",
+            "target expiryKey must differ from tokenKey",
             "maximum: 90",
             "shortNames",
             "Next Refresh",

@@ -3,7 +3,7 @@
 //! due, when is the next one, how long to back off. No I/O; the clock is injected.
 
 mod gates;
-mod target;
+pub(crate) mod target;
 
 pub use gates::{Blocked, CHAIN_OWNER_RECHECK, Cleared, Facts, Stop, Unloaded, gates};
 
@@ -120,21 +120,30 @@ pub fn validate(spec: &ScgTokenSpec) -> Result<Settings, InvalidSpec> {
     })
 }
 
-/// Parses a Go-style duration of whole hours, minutes and seconds (`90s`, `1h30m`).
+/// Parses a Go-style duration of whole hours, minutes and seconds (`90s`, `1h30m`), by
+/// the CRD's pattern ([`crate::crd::DURATION_PATTERN`]): at most
+/// [`crate::crd::DURATION_MAX_LENGTH`] characters, at most 6 digits of hours, 8 of
+/// minutes and 9 of seconds, so that what the API server's rules refuse is refused here too.
 pub fn parse_duration(s: &str) -> Option<Duration> {
+    if s.len() > crate::crd::DURATION_MAX_LENGTH {
+        return None;
+    }
     let mut total: u64 = 0;
     let mut digits = String::new();
     for c in s.chars() {
         match c {
             '0'..='9' => digits.push(c),
             'h' | 'm' | 's' => {
+                let (unit, most) = match c {
+                    'h' => (3600, 6),
+                    'm' => (60, 8),
+                    _ => (1, 9),
+                };
+                if digits.len() > most {
+                    return None;
+                }
                 let n: u64 = digits.parse().ok()?;
                 digits.clear();
-                let unit = match c {
-                    'h' => 3600,
-                    'm' => 60,
-                    _ => 1,
-                };
                 total = total.checked_add(n.checked_mul(unit)?)?;
             }
             _ => return None,
@@ -504,6 +513,16 @@ mod tests {
             ("-1s", None),
             ("h", None),
             ("99999999999999999999h", None),
+            // The CRD pattern's limits: 6 digits of hours, 8 of minutes, 9 of seconds,
+            // 15 characters.
+            ("999999h", Some(999_999 * 3600)),
+            ("9999999h", None),
+            ("99999999m", Some(99_999_999 * 60)),
+            ("999999999m", None),
+            ("31536000s", Some(31_536_000)),
+            ("9999999999s", None),
+            ("999999h999999h", Some(2 * 999_999 * 3600)),
+            ("1h1h1h1h1h1h1h1h", None),
         ];
         for (input, want) in table {
             assert_eq!(
@@ -526,7 +545,21 @@ mod tests {
             ok(spec(|s| s.refresh_before_percentage = Some(25))),
             Ok(Margin::Percent(25))
         );
-        let bad: [(&str, ScgTokenSpec); 9] = [
+        let bad: [(&str, ScgTokenSpec); 14] = [
+            ("not a duration", spec(|s| s.validity = "9999999h".into())),
+            ("not a duration", spec(|s| s.timeout = "10".into())),
+            (
+                "refreshBefore \"soon\" is not a duration",
+                spec(|s| s.refresh_before = Some("soon".into())),
+            ),
+            (
+                "target name \"Messaging_Token\" is not a valid Secret name",
+                spec(|s| s.target.name = Some("Messaging_Token".into())),
+            ),
+            (
+                "must differ from tokenKey",
+                spec(|s| s.target.expiry_key = Some("accessToken".into())),
+            ),
             ("between 30s", spec(|s| s.validity = "29s".into())),
             ("between 30s", spec(|s| s.validity = "8761h".into())),
             ("not a duration", spec(|s| s.validity = "1d".into())),

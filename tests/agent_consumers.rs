@@ -1,6 +1,6 @@
 //! The operator's consumer helpers against an API server: rollout restarts against the
-//! in-memory API server, pod nudges against a recording stand-in for the pods API (the
-//! in-memory server does not serve pods).
+//! in-memory API server, pod nudges against a recording stand-in for the pods API (it
+//! records each list's selector and each patch, which the in-memory server does not).
 
 use std::{
     collections::BTreeMap,

@@ -679,7 +679,11 @@ async fn a_frozen_agent_turns_stale_then_current_again_and_a_dead_one_drops_out(
             };
             let now = jiff::Timestamp::now();
             let reports = reports(&client).await;
-            let status = consumers::aggregate(&reports, token, grace, now);
+            // As a first pass would: nothing remembered of the pods, and none lost (these
+            // agents run as processes, with no pod object).
+            let behind = consumers::track_behind(&Default::default(), &reports, token);
+            let lost = Default::default();
+            let status = consumers::aggregate(&reports, token, &behind, &lost, grace, now);
             let inputs = ConditionInputs {
                 status: Some(&status),
                 unread: None,

@@ -451,10 +451,9 @@ fn consumer_components_grant_the_operator_only_what_their_feature_needs() {
             &["get", "patch"]
         )
     );
-    assert_eq!(
-        added_operator_rules("consumer-reports"),
-        set("coordination.k8s.io", &["leases"], &["list", "watch"])
-    );
+    let mut reports = set("coordination.k8s.io", &["leases"], &["list", "watch"]);
+    reports.extend(set("", &["pods"], &["get"]));
+    assert_eq!(added_operator_rules("consumer-reports"), reports);
     // None of it is in the base.
     let base = render("base-only", "resources: [../deploy/base]\n", &[]);
     let all: BTreeSet<_> = base

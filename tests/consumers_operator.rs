@@ -4,7 +4,7 @@
 //! which revokes the old token the moment it issues a new one (no grace).
 //!
 //! What a user sees: `ConsumersUpToDate` naming a frozen pod and recovering when it
-//! thaws, a dead pod dropping out, the `CONSUMERS` column, the `scgtoken_consumers`
+//! thaws, a dead agent's pod counted lost until the pod is deleted, the `CONSUMERS` column, the `scgtoken_consumers`
 //! metrics, Events, and rollout restarts; never a token.
 
 mod common {
@@ -27,7 +27,7 @@ use common::{
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod, events::v1::Event};
 use kube::{
     Api,
-    api::{ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use scg_token_operator::{
     chain,
@@ -73,14 +73,13 @@ fn agents(stale_after: &str) -> ConsumersSpec {
 async fn agent(env: &Env, dir: &Scratch, pod: &str, extra: &[&str]) -> Agent {
     let mut args = vec![format!("--dir={}", dir.0.display())];
     args.extend(extra.iter().map(|s| s.to_string()));
-    if env.api.is_none() {
-        args.push(format!("--pod-uid={}", real_pod(env, pod).await));
-    }
+    args.push(format!("--pod-uid={}", pod_object(env, pod).await));
     Agent::spawn_in(&env.kubeconfig, &env.namespace, pod, &args)
 }
 
-/// Creates a Pod named `pod` on a real cluster; its UID.
-async fn real_pod(env: &Env, pod: &str) -> String {
+/// Creates the Pod object named `pod` that the agent process stands for (on a real
+/// cluster it is never scheduled; the in-memory server only stores it); its UID.
+async fn pod_object(env: &Env, pod: &str) -> String {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
     let obj: Pod = serde_json::from_value(serde_json::json!({
         "metadata": {"name": pod},
@@ -176,7 +175,7 @@ async fn shown(env: &Env) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out() {
+async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_ones_pod_is_lost_until_deleted() {
     let env = Env::start(revoking()).await;
     scgtoken(&env, agents("2s")).await;
     let operator = env.operator(&["--consumer-reports"]);
@@ -242,9 +241,21 @@ async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out()
     assert!(c.stale_pods.is_empty());
     wait_event(&env, "Normal", "ConsumersUpToDate").await;
 
-    // Killed without releasing its Lease: it drops out when its heartbeat expires (3 s),
-    // without any other change to wake the operator.
+    // Killed without releasing its Lease: when its heartbeat expires (3 s), without any
+    // other change to wake the operator, its pod, which still exists, counts as lost.
     doomed.kill().await;
+    let (message, c) = wait_consumers(&env, "False", "LostConsumers", |c| c.lost == 1).await;
+    assert_eq!(
+        (c.summary.as_str(), c.lost_pods.clone()),
+        ("2/3", vec!["consumer-doomed".to_string()])
+    );
+    assert!(message.contains("consumer-doomed"), "{message}");
+    wait_event(&env, "Warning", "LostConsumers").await;
+    // Deleted, the pod takes its Lease with it (garbage collection) and leaves the count.
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
+    pods.delete("consumer-doomed", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete the pod");
     wait_consumers(&env, "True", "UpToDate", |c| c.summary == "2/2").await;
 
     // The metrics count the pods by state.
@@ -259,8 +270,13 @@ async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out()
         )
     };
     assert_eq!(
-        (count("current"), count("switching"), count("stale")),
-        (Some(2.0), Some(0.0), Some(0.0)),
+        (
+            count("current"),
+            count("switching"),
+            count("stale"),
+            count("lost")
+        ),
+        (Some(2.0), Some(0.0), Some(0.0), Some(0.0)),
         "{text}"
     );
 
@@ -271,10 +287,15 @@ async fn a_frozen_agent_is_named_stale_until_it_thaws_and_a_dead_one_drops_out()
     assert_no_leak("operator metrics", &text, &tokens);
     assert_no_leak("status and Events", &shown(&env).await, &tokens);
     let logs = operator.logs();
-    // Warned about the stale pod, and nothing else (no failed watch, write or Event).
+    // Warned about the stale pod and the lost one, and nothing else (no failed watch,
+    // write or Event).
     let warnings: Vec<&str> = logs
         .lines()
-        .filter(|l| l.contains("WARN") && !l.contains("reason=StaleConsumers"))
+        .filter(|l| {
+            l.contains("WARN")
+                && !l.contains("reason=StaleConsumers")
+                && !l.contains("reason=LostConsumers")
+        })
         .collect();
     assert!(warnings.is_empty(), "the operator warned: {warnings:#?}");
     // One transition to StaleConsumers, one log line of it.
@@ -423,6 +444,10 @@ async fn each_new_token_restarts_the_targets_and_a_failed_nudge_only_warns() {
         ..ConsumersSpec::default()
     };
     scgtoken(&env, spec).await;
+    // The pods list is refused, as without the consumer-nudge permission.
+    if let Some(api) = &env.api {
+        api.faults().fail_next("list", "pods", 1000, 403);
+    }
     let _operator = env.operator(&[]);
     let first = env
         .eventually("the first token stored", || async {
@@ -443,8 +468,7 @@ async fn each_new_token_restarts_the_targets_and_a_failed_nudge_only_warns() {
     assert!(note.contains("\"legacy\""), "{note}");
     assert!(!note.contains(&fp), "Events need no fingerprint: {note}");
 
-    // The in-memory API server serves no pods: the nudge fails, which is a Warning and
-    // nothing more. The token is stored and Ready.
+    // The nudge fails, which is a Warning and nothing more. The token is stored and Ready.
     if env.api.is_some() {
         let warning = wait_event(&env, "Warning", "NudgeFailed").await;
         assert!(

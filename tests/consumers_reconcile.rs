@@ -4,9 +4,9 @@
 //! `ConsumersUpToDate` condition, Events, metrics and wake-ups; pods are nudged and
 //! workloads restarted after each stored token.
 //!
-//! The in-memory API server does not serve pods: the operator's client talks to a front
-//! that answers the pods API itself (recording label selectors and patches) and relays
-//! everything else to the API server.
+//! The operator's client talks to a front that answers the pods list and patches itself
+//! (recording label selectors and patches, or refusing them) and relays everything else,
+//! pod reads included, to the in-memory API server.
 
 mod common {
     pub mod context;
@@ -27,7 +27,7 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         coordination::v1::{Lease, LeaseSpec},
-        core::v1::Secret,
+        core::v1::{Pod, Secret},
         events::v1::Event,
     },
     apimachinery::pkg::apis::meta::v1::{LabelSelector, MicroTime, ObjectMeta},
@@ -175,7 +175,7 @@ async fn front(upstream: String, pods: Arc<Pods>) -> String {
         .route("/api/v1/namespaces/default/pods", get(list))
         .route(
             "/api/v1/namespaces/default/pods/{name}",
-            axum::routing::patch(patch),
+            axum::routing::patch(patch).get(relay),
         )
         .fallback(relay)
         .with_state((pods, upstream, http));
@@ -196,6 +196,8 @@ struct World {
     /// The operator's Lease cache, when on.
     leases: Option<Store<Lease>>,
     registry: Registry,
+    /// When the agents started (every Lease's `acquireTime`): an hour before the test.
+    agents_started: Timestamp,
 }
 
 impl World {
@@ -223,6 +225,7 @@ impl World {
                 .for_each(|_| async {});
             tokio::spawn(watch);
         }
+        let agents_started = clock.now() - SignedDuration::from_hours(1);
         let w = World {
             server,
             client,
@@ -232,6 +235,7 @@ impl World {
             pods,
             leases,
             registry,
+            agents_started,
         };
         w.credentials().await;
         w
@@ -361,7 +365,7 @@ impl World {
             spec: Some(LeaseSpec {
                 holder_identity: Some(pod.into()),
                 lease_duration_seconds: Some(30),
-                acquire_time: Some(MicroTime(now - SignedDuration::from_hours(1))),
+                acquire_time: Some(MicroTime(self.agents_started)),
                 renew_time: Some(MicroTime(now)),
                 ..Default::default()
             }),
@@ -487,6 +491,126 @@ async fn agent_reports_become_status_condition_events_metrics_and_wake_ups() {
     for secret in ["token-1", CONSUMER_SECRET, "planted-seed-1234"] {
         assert!(!shown.contains(secret), "{secret} leaked");
     }
+}
+
+/// A pod stuck on an old token is not forgiven at each new rotation: its staleness counts
+/// from the first store it missed, so the condition stays False, with no Normal Event
+/// saying that all is well, while tokens keep coming.
+#[tokio::test]
+async fn a_pod_stuck_on_an_old_token_stays_stale_across_rotations() {
+    let w = World::new(true).await;
+    w.create("messaging", "1h", consumers()).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await;
+    let fp = w.fingerprint("messaging").await;
+    let stuck_since = w.clock.now() - SignedDuration::from_mins(5);
+    w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+    w.report("messaging", "pod-b", "previous", stuck_since)
+        .await;
+    w.clock.advance(Duration::from_secs(6));
+    w.reconcile("messaging").await;
+    let (status, reason, _) = w.condition("messaging").await.unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "StaleConsumers")
+    );
+
+    // Two rotations, 16 s apart; pod-a switches each time, pod-b heartbeats on "previous".
+    for token in ["token-2", "token-3"] {
+        w.clock.advance(Duration::from_secs(16));
+        w.report("messaging", "pod-b", "previous", stuck_since)
+            .await;
+        w.rotate("messaging", token, 3600).await;
+        let fp = w.fingerprint("messaging").await;
+        let (status, reason, message) = w.condition("messaging").await.unwrap();
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "StaleConsumers"),
+            "right after {token} was stored: {message}"
+        );
+        assert!(message.ends_with("pod-b"), "{message}");
+        w.clock.advance(Duration::from_secs(1));
+        w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+        w.report("messaging", "pod-b", "previous", stuck_since)
+            .await;
+        w.reconcile("messaging").await;
+        let t = w.tokens().get("messaging").await.unwrap();
+        let consumers = t.status.unwrap().consumers.unwrap();
+        assert_eq!(
+            (consumers.summary.as_str(), consumers.stale_pods.clone()),
+            ("1/2", vec!["pod-b".to_string()]),
+            "after pod-a switched to {token}"
+        );
+    }
+    assert_eq!(w.has_event("Normal", "ConsumersUpToDate").await, None);
+    let warnings = w
+        .events()
+        .await
+        .into_iter()
+        .filter(|e| e.1 == "StaleConsumers")
+        .count();
+    assert_eq!(warnings, 1, "one Warning for one stuck pod");
+}
+
+/// A pod whose agent went silent (its Lease expired, never released) while the pod still
+/// exists stays in the count as lost, and the condition is False while it does; once the
+/// pod is deleted it leaves the count.
+#[tokio::test]
+async fn a_silent_agent_in_a_pod_that_still_exists_is_lost_until_the_pod_is_deleted() {
+    let w = World::new(true).await;
+    let pods: Api<Pod> = Api::namespaced(w.server.client(), NS);
+    for name in ["pod-a", "pod-b"] {
+        let pod: Pod = serde_json::from_value(pod(name)).unwrap();
+        pods.create(&PostParams::default(), &pod)
+            .await
+            .expect("pod");
+    }
+    w.create("messaging", "1h", consumers()).await;
+    w.api.issue("token-1", 3600);
+    w.reconcile("messaging").await;
+    let fp = w.fingerprint("messaging").await;
+    w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+    w.report("messaging", "pod-b", &fp, w.clock.now()).await;
+    w.reconcile("messaging").await;
+    assert_eq!(w.summary("messaging").await.as_deref(), Some("2/2"));
+
+    // pod-b's agent is killed; pod-a keeps reporting. Past pod-b's 30 s Lease: lost.
+    w.clock.advance(Duration::from_secs(31));
+    w.report("messaging", "pod-a", &fp, w.clock.now()).await;
+    let action = w.reconcile("messaging").await;
+    let (status, reason, message) = w.condition("messaging").await.unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", "LostConsumers")
+    );
+    assert!(message.ends_with("unknown: pod-b"), "{message}");
+    let t = w.tokens().get("messaging").await.unwrap();
+    let consumers = t.status.unwrap().consumers.unwrap();
+    assert_eq!(
+        (
+            consumers.summary.as_str(),
+            consumers.lost,
+            consumers.lost_pods.clone()
+        ),
+        ("1/2", 1, vec!["pod-b".to_string()])
+    );
+    assert!(w.has_event("Warning", "LostConsumers").await.is_some());
+    let line = r#"scgtoken_consumers{namespace="default",name="messaging",state="lost"} 1"#;
+    assert!(w.metrics().contains(line), "{}", w.metrics());
+    // It comes back to see whether the pod is gone.
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+    // The pod is deleted (its Lease, which names no owner here, stays): it leaves.
+    pods.delete("pod-b", &Default::default())
+        .await
+        .expect("delete");
+    w.reconcile("messaging").await;
+    let (status, reason, _) = w.condition("messaging").await.unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "UpToDate"));
+    let t = w.tokens().get("messaging").await.unwrap();
+    let consumers = t.status.unwrap().consumers.unwrap();
+    assert_eq!((consumers.summary.as_str(), consumers.lost), ("1/1", 0));
+    assert!(w.has_event("Normal", "ConsumersUpToDate").await.is_some());
 }
 
 #[tokio::test]

@@ -31,8 +31,10 @@ const CRD_NAME: &str = "scgtokens.scgtoken.io";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// One bad spec per CEL rule of crds/scgtoken.yaml, and the fragment of that rule's
-/// message the refusal must carry. Every spec passes the OpenAPI schema (types,
-/// patterns), so only the CEL rule can refuse it.
+/// message the refusal must carry. Every spec but the malformed durations passes the
+/// OpenAPI schema (types, patterns), so only the CEL rule can refuse it; a malformed
+/// duration also fails the schema's pattern, and the refusal must still carry the rule's
+/// own message, not a CEL type conversion error.
 const BAD_SPECS: &[(&str, &str, &str)] = &[
     (
         "endpoint not http(s)",
@@ -100,6 +102,61 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         "podSelector must not be empty: it would match every pod in the namespace",
     ),
     (
+        "validity in days",
+        r#"{"validity": "1d"}"#,
+        "validity is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "validity in days with a refreshBefore",
+        r#"{"validity": "1d", "refreshBefore": "1h"}"#,
+        "validity is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "validity of more hours than a duration holds",
+        r#"{"validity": "9999999h"}"#,
+        "validity is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "timeout without a unit",
+        r#"{"timeout": "10"}"#,
+        "timeout is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "refreshBefore in words",
+        r#"{"refreshBefore": "soon"}"#,
+        "refreshBefore is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "staleAfter in fractions",
+        r#"{"consumers": {"agents": true, "staleAfter": "1.5s"}}"#,
+        "staleAfter is not a duration such as 90s, 10m or 12h",
+    ),
+    (
+        "target name in upper case with an underscore",
+        r#"{"target": {"name": "Messaging_Token"}}"#,
+        "target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
+    ),
+    (
+        "target name with an empty part",
+        r#"{"target": {"name": "messaging..token"}}"#,
+        "target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
+    ),
+    (
+        "target name ending in a dash",
+        r#"{"target": {"name": "messaging-"}}"#,
+        "target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
+    ),
+    (
+        "expiryKey equal to tokenKey",
+        r#"{"target": {"tokenKey": "token", "expiryKey": "token"}}"#,
+        "target expiryKey must differ from tokenKey: the expiry would overwrite the token",
+    ),
+    (
+        "expiryKey equal to the default tokenKey",
+        r#"{"target": {"expiryKey": "accessToken"}}"#,
+        "target expiryKey must differ from tokenKey: the expiry would overwrite the token",
+    ),
+    (
         "podSelector with empty lists",
         r#"{"consumers": {"podSelector": {"matchLabels": {}, "matchExpressions": []}}}"#,
         "podSelector must not be empty: it would match every pod in the namespace",
@@ -119,6 +176,14 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"timeout": "2m", "validity": "8760h", "refreshBefore": "8759h59m59s"}"#,
     ),
     ("percentage alone", r#"{"refreshBeforePercentage": 90}"#),
+    (
+        "a year in seconds, a timeout in minutes and seconds",
+        r#"{"validity": "31536000s", "timeout": "1m30s"}"#,
+    ),
+    (
+        "target name with dots, an expiry key of its own",
+        r#"{"target": {"name": "scg-token.messaging", "tokenKey": "token", "expiryKey": "accessToken"}}"#,
+    ),
     ("shortest refreshBefore", r#"{"refreshBefore": "1s"}"#),
     (
         "consumers at their bounds",

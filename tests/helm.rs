@@ -519,6 +519,7 @@ fn consumer_switches_match_the_kustomize_components() {
     );
     for (resource, verb) in [
         ("leases", "watch"),
+        ("pods", "get"),
         ("pods", "patch"),
         ("deployments", "patch"),
     ] {

@@ -2,7 +2,7 @@
 //! and Secret, renewed like a kubelet's node Lease.
 //!
 //! Why a Lease: it needs no write access to Pods or to the ScgToken, carries its own
-//! heartbeat (`renewTime` + `leaseDurationSeconds`, so a dead or frozen agent drops out
+//! heartbeat (`renewTime` + `leaseDurationSeconds`, so a dead or frozen agent's report ends
 //! by itself), and is owned by the pod (deleted with it). The agent needs `create` on
 //! leases and `get`/`update` on its own; it never lists or deletes.
 //!

@@ -17,7 +17,8 @@ pub fn check(t: &TargetSpec) -> Result<(), InvalidSpec> {
     {
         return invalid(format!(
             "target name {name:?} is not a valid Secret name: at most 253 lowercase letters, \
-             digits, '-' and '.', starting and ending with a letter or digit"
+             digits, '-' and '.', each part between dots starting and ending with a letter or \
+             digit"
         ));
     }
     for (field, key) in [
@@ -123,8 +124,8 @@ fn not_squatting(t: &TargetSpec) -> Result<(), InvalidSpec> {
     Ok(())
 }
 
-/// A DNS-1123 subdomain, as Secret names must be.
-fn is_subdomain(s: &str) -> bool {
+/// A DNS-1123 subdomain, as Secret (and pod) names must be.
+pub(crate) fn is_subdomain(s: &str) -> bool {
     s.len() <= 253
         && s.split('.').all(|label| {
             let b = label.as_bytes();

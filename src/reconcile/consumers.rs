@@ -13,9 +13,9 @@
 //!   and the wake-up.
 
 use std::{
-    collections::{HashMap, hash_map::DefaultHasher},
+    collections::{BTreeSet, HashMap, hash_map::DefaultHasher},
     hash::{Hash, Hasher},
-    sync::Mutex,
+    sync::{Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -36,9 +36,11 @@ use kube::{
 };
 use tracing::{info, warn};
 
-use super::{Pass, cache::CachedScgToken, outcome::Outcome};
+use super::{Pass, cache::CachedScgToken, memory::Key, outcome::Outcome};
 use crate::{
-    consumers::{self, AgentReport, ConditionInputs, CurrentToken, RestartOutcome, Unread},
+    consumers::{
+        self, AgentReport, BehindPods, ConditionInputs, CurrentToken, RestartOutcome, Unread,
+    },
     crd::{
         AGENT_SCGTOKEN_LABEL, ConsumersSpec, ConsumersStatus, RolloutRestartTarget,
         SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION, ScgToken, ScgTokenSpec,
@@ -49,20 +51,26 @@ use crate::{
     report::Reason,
 };
 
-/// The agents' report Leases, as the Lease watch keeps them.
+/// The agents' report Leases, as the Lease watch keeps them, and what the operator
+/// remembers of the reporting pods between passes.
 #[derive(Default)]
 pub struct ReportCache {
     /// `None` without `--consumer-reports`.
     leases: Option<Store<Lease>>,
     /// Why the watch failed, until an event arrives again.
     error: Mutex<Option<String>>,
+    /// Per ScgToken, the pods behind the current token and since when
+    /// ([`consumers::track_behind`]). In memory only: after a restart, or on a new leader,
+    /// a pod still behind counts from the current token's store (or its agent's start),
+    /// as a pod first seen does; it is named stale at most `staleAfter` later.
+    behind: Mutex<HashMap<Key, BehindPods>>,
 }
 
 impl ReportCache {
     pub(super) fn new(leases: Store<Lease>) -> ReportCache {
         ReportCache {
             leases: Some(leases),
-            error: Mutex::new(None),
+            ..ReportCache::default()
         }
     }
 
@@ -72,6 +80,15 @@ impl ReportCache {
 
     fn error(&self) -> Option<String> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn behind_pods(&self) -> MutexGuard<'_, HashMap<Key, BehindPods>> {
+        self.behind.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets what is remembered of an ScgToken's pods (it is gone).
+    pub(super) fn forget(&self, key: &Key) {
+        self.behind_pods().remove(key);
     }
 }
 
@@ -197,6 +214,8 @@ pub(super) struct Settled {
     pub condition: Option<Condition>,
     pub events: Vec<Event>,
     pub wake: Option<Timestamp>,
+    /// The pods behind the current token, to remember for the next pass.
+    pub behind: BehindPods,
 }
 
 /// What the writes for consumers asked of the outcome.
@@ -229,6 +248,11 @@ const RESTART_RETRY: Duration = Duration::from_secs(30);
 const SYNC_RETRY: Duration = Duration::from_secs(2);
 /// Longest time one nudge (a list and the patches) may take.
 const NUDGE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest time the look at the silent agents' pods may take.
+const POD_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often a pass comes back while pods are lost, to see whether they are gone: a pod's
+/// deletion usually comes sooner, as the deletion of the Lease it owns.
+const LOST_RECHECK: Duration = Duration::from_secs(30);
 
 impl Pass<'_> {
     /// The consumer part of `out`: first the writes the current token asks for, then
@@ -237,6 +261,7 @@ impl Pass<'_> {
         let (ns, name) = (&self.key.namespace, &self.key.name);
         let Some(spec) = self.obj.spec.consumers.as_ref() else {
             self.ctx.metrics.consumers.forget(ns, name);
+            self.ctx.reports.forget(&self.key);
             return Settled::default();
         };
         let refusal = refusal(&self.obj.spec, &out.status, self.jitter_key(), self.now);
@@ -248,9 +273,13 @@ impl Pass<'_> {
             }
         }
         let now = self.ctx.clock.now();
+        let lost = self.lost_pods(now).await;
+        let behind = self.ctx.reports.behind_pods().remove(&self.key);
         let mut settled = settle(&Settle {
             spec,
             reports: &self.reports,
+            behind: &behind.unwrap_or_default(),
+            lost: &lost,
             status: &out.status,
             stored_at: self.stored_at(&out.status),
             prev: &self.prev,
@@ -261,6 +290,13 @@ impl Pass<'_> {
         match &settled.status {
             Some(s) => self.ctx.metrics.consumers.observe(ns, name, s),
             None => self.ctx.metrics.consumers.forget(ns, name),
+        }
+        if !settled.behind.is_empty() {
+            let behind = std::mem::take(&mut settled.behind);
+            self.ctx
+                .reports
+                .behind_pods()
+                .insert(self.key.clone(), behind);
         }
         // A Warning is logged where every Warning Event is published (publish.rs), once;
         // the turn back to normal only here.
@@ -275,6 +311,61 @@ impl Pass<'_> {
         settled.events.extend(acted.events);
         settled.wake = earliest(settled.wake, acted.wake);
         settled
+    }
+
+    /// The pods whose agent went silent (its Lease expired, not released) and that still
+    /// run: the pods named by those Leases are read one by one (pods `get`). A pod that
+    /// cannot be read counts as lost: the operator cannot tell it is gone, and the
+    /// condition must not say all is well while a consumer may hold a dead token.
+    async fn lost_pods(&self, now: Timestamp) -> BTreeSet<String> {
+        let Reports::Read(reports) = &self.reports else {
+            return BTreeSet::new();
+        };
+        let silent: Vec<AgentReport> = consumers::silent_pods(reports, now)
+            .into_iter()
+            .cloned()
+            .collect();
+        if silent.is_empty() {
+            return BTreeSet::new();
+        }
+        let names: BTreeSet<String> = silent.iter().map(|r| r.pod.clone()).collect();
+        let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
+        let checks = futures::stream::iter(silent)
+            .map(move |r: AgentReport| {
+                let pods = pods.clone();
+                async move {
+                    let got = k8s::bounded(pods.get_opt(&r.pod)).await;
+                    (r, got)
+                }
+            })
+            .buffer_unordered(8)
+            .collect::<Vec<_>>();
+        let Ok(checked) = tokio::time::timeout(POD_CHECK_TIMEOUT, checks).await else {
+            warn!("reading the pods of silent token agents took too long; counting them as lost");
+            return names;
+        };
+        let mut lost = BTreeSet::new();
+        let mut unread: Option<(usize, String)> = None;
+        for (report, pod) in checked {
+            match pod {
+                Ok(Some(pod)) if consumers::pod_still_runs(&pod, &report) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    let (n, _) = unread.get_or_insert_with(|| (0, k8s::describe(&e)));
+                    *n += 1;
+                }
+            }
+            lost.insert(report.pod);
+        }
+        if let Some((n, why)) = unread {
+            warn!(
+                pods = n,
+                error = %why,
+                "could not read the pods of silent token agents; counting them as lost \
+                 (the operator needs pods get: deploy/components/consumer-reports)"
+            );
+        }
+        lost
     }
 
     fn jitter_key(&self) -> u64 {
@@ -457,6 +548,10 @@ pub(super) fn refusal(
 pub(super) struct Settle<'a> {
     pub spec: &'a ConsumersSpec,
     pub reports: &'a Reports,
+    /// The pods behind the current token as the last pass left them.
+    pub behind: &'a BehindPods,
+    /// The pods whose agent went silent while the pod still runs.
+    pub lost: &'a BTreeSet<String>,
     /// Status as the pass leaves it (token fingerprint and times).
     pub status: &'a ScgTokenStatus,
     /// When the current token was issued.
@@ -477,7 +572,7 @@ fn stale_after(spec: &ConsumersSpec) -> Duration {
 
 /// The consumer part of the outcome: the aggregate, the condition, its Event, and when
 /// the aggregate would next change. While the Lease watch has not listed yet, status
-/// keeps what it showed.
+/// keeps what it showed and the pods behind stay as remembered.
 pub(super) fn settle(i: &Settle<'_>) -> Settled {
     let stale_after = stale_after(i.spec);
     let previous = i
@@ -489,6 +584,7 @@ pub(super) fn settle(i: &Settle<'_>) -> Settled {
         fingerprint: i.status.token_fingerprint.as_deref(),
         stored_at: i.stored_at,
     };
+    let mut behind = BehindPods::new();
     let (status, unread, wake) = match i.reports {
         Reports::Off => (None, None, None),
         Reports::Disabled => (None, Some(Unread::Disabled), None),
@@ -500,14 +596,30 @@ pub(super) fn settle(i: &Settle<'_>) -> Settled {
                 condition: previous.cloned(),
                 events: Vec::new(),
                 wake: Some(i.now + wake),
+                behind: i.behind.clone(),
             };
         }
         Reports::NotSynced => (i.prev.consumers.clone(), None, None),
-        Reports::Read(reports) => (
-            Some(consumers::aggregate(reports, token, stale_after, i.now)),
-            None,
-            consumers::next_change(reports, token, stale_after, i.now),
-        ),
+        Reports::Read(reports) => {
+            behind = consumers::track_behind(i.behind, reports, token);
+            let recheck = (!i.lost.is_empty())
+                .then(|| i.now + SignedDuration::try_from(LOST_RECHECK).unwrap_or_default());
+            (
+                Some(consumers::aggregate(
+                    reports,
+                    token,
+                    &behind,
+                    i.lost,
+                    stale_after,
+                    i.now,
+                )),
+                None,
+                earliest(
+                    consumers::next_change(reports, &behind, stale_after, i.now),
+                    recheck,
+                ),
+            )
+        }
     };
     let condition = consumers::condition(
         previous,
@@ -530,6 +642,7 @@ pub(super) fn settle(i: &Settle<'_>) -> Settled {
         condition,
         events,
         wake,
+        behind,
     }
 }
 
@@ -558,6 +671,7 @@ mod tests {
     fn agent(pod: &str, fingerprint: &str) -> AgentReport {
         AgentReport {
             pod: pod.into(),
+            pod_uid: None,
             fingerprint: Some(fingerprint.into()),
             since: Some(t(1)),
             started: Some(t(-100)),
@@ -581,6 +695,8 @@ mod tests {
         settle(&Settle {
             spec: &spec,
             reports,
+            behind: &BehindPods::new(),
+            lost: &BTreeSet::new(),
             status: &status,
             stored_at: Some(t(0)),
             prev,

@@ -92,8 +92,9 @@ async fn fresh_pass(ctx: &Context, namespace: String, name: String) -> Result<Ac
     match k8s::bounded(api.get_opt(&name)).await? {
         Some(obj) => Pass::new(&obj, ctx, Key::new(namespace, name)).run().await,
         None => {
-            ctx.memory
-                .forget(&Key::new(namespace.clone(), name.clone()));
+            let key = Key::new(namespace.clone(), name.clone());
+            ctx.reports.forget(&key);
+            ctx.memory.forget(&key);
             ctx.metrics.forget(&TokenLabels { namespace, name });
             Ok(Action::await_change())
         }

@@ -96,6 +96,10 @@ operator uses it; no wildcards. Shared by the ClusterRole and the namespaced Rol
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["list", "watch"]
+# ... and the pod a silent agent's Lease names, by name: still running (lost) or gone.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get"]
 {{- end }}
 {{- if .Values.consumers.podNudges }}
 # consumers.podNudges: list the pods of a podSelector and annotate them. No watch.

@@ -5,7 +5,7 @@
 //! `kubectl` (discovery, get/apply/annotate/delete/wait, server-side printing).
 //!
 //! Served resources: core/v1 `namespaces` (cluster-scoped), `secrets`, `configmaps`,
-//! `events`; `events.k8s.io/v1` `events`; `coordination.k8s.io/v1` `leases`;
+//! `events`, `pods` (stored objects only: nothing schedules or runs them); `events.k8s.io/v1` `events`; `coordination.k8s.io/v1` `leases`;
 //! `apps/v1` `deployments`, `statefulsets`, `daemonsets`;
 //! `apiextensions.k8s.io/v1` `customresourcedefinitions`, and every resource
 //! declared by a stored CRD (served as soon as the CRD is created).

@@ -119,6 +119,7 @@ pub(crate) fn builtins() -> Vec<ResourceDef> {
             true,
         ),
         builtin("", "v1", "secrets", "secret", "Secret", true, &[], false),
+        builtin("", "v1", "pods", "pod", "Pod", true, &["po"], true),
         builtin(
             "",
             "v1",

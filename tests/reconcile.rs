@@ -638,16 +638,28 @@ async fn delete_policy_sets_an_owner_reference_and_spec_keys_are_used() {
     );
 }
 
+/// Every log line of this test binary, through one global subscriber. A scoped one
+/// (`set_default`) can miss a line when a test on another thread registers the same
+/// call site at the same moment, and a missed line would let a leak pass unseen.
+fn all_logs() -> &'static LogBuffer {
+    static LOGS: std::sync::OnceLock<LogBuffer> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = LogBuffer::default();
+        let writer = logs.clone();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_writer(move || writer.clone())
+                .finish(),
+        )
+        .expect("the only global subscriber of this binary");
+        logs
+    })
+}
+
 #[tokio::test]
 async fn no_secret_reaches_logs_status_events_or_errors() {
-    let logs = LogBuffer::default();
-    let writer = logs.clone();
-    let _guard = tracing::subscriber::set_default(
-        tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_writer(move || writer.clone())
-            .finish(),
-    );
+    let logs = all_logs();
     let w = World::new().await;
     w.create("messaging", |_| {}).await;
     w.api.fail(RefreshError::Rejected { status: 403 });

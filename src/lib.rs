@@ -16,6 +16,7 @@ pub mod crd;
 pub mod events;
 pub mod k8s;
 pub mod leader;
+pub mod plugin;
 pub mod policy;
 pub mod reconcile;
 pub mod report;

@@ -361,9 +361,19 @@ pub struct Backoff {
 /// The back-off a process that does not remember one resumes from the last status
 /// written (`failures`, `last_failure_at`, `written_retry`). That status may be up to
 /// [`STATUS_PROGRESS_INTERVAL`] old, and attempts may have failed since without being
-/// written. So it errs toward waiting longer: unless the status's own retry comes later
-/// than the last unwritten attempt could have happened, it assumes one more attempt
-/// failed as late as possible and backs off from there (capped by the expiry as always).
+/// written. So it errs toward waiting longer, never retrying sooner than the last process
+/// would have:
+/// - unwritten failures happened no later than a minute after the last written one (a
+///   later one would have been written) and no later than `now` (a process that ended
+///   makes no more attempts): call that moment `latest`;
+/// - if the written retry comes after `latest`, no attempt went unwritten: it stands;
+/// - else as many failures as the schedule allows up to `latest` are assumed (each made
+///   at its earliest retry), and it backs off from `latest` with that count (capped by
+///   the expiry as always).
+///
+/// So an operator restarted at once to fix its configuration (a CA bundle, an allowed
+/// endpoint) waits one step of the back-off, not a minute more.
+#[allow(clippy::too_many_arguments)]
 pub fn resumed_backoff(
     failures: u32,
     last_failure_at: Option<Timestamp>,
@@ -371,6 +381,7 @@ pub fn resumed_backoff(
     kind: FailureKind,
     expires_at: Option<Timestamp>,
     jitter_key: u64,
+    now: Timestamp,
 ) -> Backoff {
     let (Some(last), true) = (last_failure_at, failures > 0) else {
         return Backoff {
@@ -378,18 +389,27 @@ pub fn resumed_backoff(
             retry_at: written_retry,
         };
     };
-    let latest_unwritten = add_ms(last, STATUS_PROGRESS_INTERVAL.as_millis() as i64);
-    if written_retry.is_some_and(|r| r > latest_unwritten) {
+    let latest = add_ms(last, STATUS_PROGRESS_INTERVAL.as_millis() as i64).min(now.max(last));
+    let retry = |at, n| retry_at(at, kind, n, expires_at, jitter_key);
+    let mut next = written_retry.unwrap_or_else(|| retry(last, failures));
+    if next > latest {
         return Backoff {
             failures,
-            retry_at: written_retry,
+            retry_at: Some(next),
         };
     }
-    let failures = failures.saturating_add(1);
-    let later = retry_at(latest_unwritten, kind, failures, expires_at, jitter_key);
+    // Each step at least MIN_INTERVAL / 2 apart, so a minute holds at most 120 of them.
+    let mut most = failures;
+    for _ in 0..128 {
+        if next > latest {
+            break;
+        }
+        most = most.saturating_add(1);
+        next = retry(next, most);
+    }
     Backoff {
-        failures,
-        retry_at: Some(written_retry.map_or(later, |r| r.max(later))),
+        failures: most,
+        retry_at: Some(retry(latest, most).max(next)),
     }
 }
 
@@ -465,7 +485,7 @@ mod tests {
     #[test]
     fn a_resumed_back_off_errs_toward_waiting_longer() {
         let unavailable = FailureKind::Unavailable { retry_after: None };
-        let resume = |failures, last: Option<i64>, retry: Option<i64>| {
+        let resume_at = |now: i64, failures, last: Option<i64>, retry: Option<i64>| {
             resumed_backoff(
                 failures,
                 last.map(t),
@@ -473,8 +493,10 @@ mod tests {
                 unavailable,
                 Some(t(3600)),
                 7,
+                t(now),
             )
         };
+        let resume = |failures, last, retry| resume_at(600, failures, last, retry);
         // No streak: nothing to resume.
         assert_eq!(resume(0, None, Some(500)).failures, 0);
         // The written retry is past the last minute an attempt could go unwritten: as is.
@@ -485,17 +507,45 @@ mod tests {
                 retry_at: Some(t(90)),
             }
         );
-        // Otherwise one more failure at the minute's end is assumed, and backed off from.
+        // Otherwise as many failures as the schedule allows up to a minute after the last
+        // written one are assumed, and backed off from that minute's end.
         let b = resume(2, Some(0), Some(5));
-        assert_eq!(b.failures, 3);
+        assert!(b.failures > 3, "{b:?}");
         assert_eq!(
             b.retry_at,
-            Some(retry_at(t(60), unavailable, 3, Some(t(3600)), 7))
+            Some(retry_at(t(60), unavailable, b.failures, Some(t(3600)), 7))
         );
-        assert!(b.retry_at.unwrap() > t(60));
+        // No sooner than the last process would have retried, whether its attempts went
+        // at their earliest (the most failures) or one went late (the latest failure).
+        let (mut n, mut next) = (2, t(5));
+        while next <= t(60) {
+            n += 1;
+            next = retry_at(next, unavailable, n, Some(t(3600)), 7);
+        }
+        let late = retry_at(t(59), unavailable, 3, Some(t(3600)), 7);
+        assert!(
+            b.retry_at >= Some(next) && b.retry_at >= Some(late),
+            "{b:?}"
+        );
         // Still capped by the expiry, so a token that can be saved is.
-        let near = resumed_backoff(9, Some(t(0)), Some(t(5)), unavailable, Some(t(100)), 7);
+        let near = resumed_backoff(
+            9,
+            Some(t(0)),
+            Some(t(5)),
+            unavailable,
+            Some(t(100)),
+            7,
+            t(600),
+        );
         assert!(near.retry_at.unwrap() < t(100), "{near:?}");
+        // A process started 10 s after the last written failure: none failed later than
+        // that start, so it backs off from then, not from a minute on.
+        let soon = resume_at(10, 2, Some(0), Some(5));
+        assert!(soon.failures >= 3, "{soon:?}");
+        assert!(
+            soon.retry_at > Some(t(10)) && soon.retry_at < b.retry_at,
+            "{soon:?}"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use prometheus_client::registry::Registry;
 use scg_token_operator::{
     access, chain,
     crd::{DeletionPolicy, MANAGED_BY_LABEL, OWNER_ANNOTATION, ScgToken, ScgTokenSpec},
-    policy::Clock,
+    policy::{self, Clock},
     reconcile::{CachedScgToken, Context, Deps, TokenCache, reconcile, token_cache},
     scg::{RefreshError, RefreshRequest, Refreshed, SecretString, TokenApi},
 };
@@ -940,18 +940,30 @@ async fn a_new_process_resumes_a_back_off_no_sooner_than_the_last_one_would_have
     // Three failures 5 s apart: status holds the first (the turn to Unavailable), memory
     // all three.
     let start = w.clock.now();
-    for _ in 0..3 {
+    for i in 0..3 {
+        if i > 0 {
+            w.clock.advance(Duration::from_secs(5));
+        }
         unavailable(&w);
         w.reconcile("messaging").await.unwrap();
-        w.clock.advance(Duration::from_secs(5));
     }
-    let status = w.token("messaging").await.status.unwrap();
+    let token = w.token("messaging").await;
+    let status = token.status.clone().unwrap();
     assert_eq!(status.consecutive_failures, 1, "only the turn was written");
     assert_eq!(w.api.calls().len(), 4);
+    // When this process would call next: after the third failure, 10 s in.
+    let would_have = policy::retry_at(
+        start + SignedDuration::from_secs(10),
+        policy::FailureKind::Unavailable { retry_after: None },
+        3,
+        status.expires_at.map(|t| t.0),
+        policy::jitter_key(&token.metadata.uid.clone().unwrap_or_default()),
+    );
 
-    // A new process (nothing in memory) 15 s in: the written retry (5 s in) has passed,
-    // but status may be up to a minute behind, so it does not call until an attempt
-    // that could have failed unwritten at the minute's end would have backed off.
+    // A new process (nothing in memory) at once, 10 s in: the written retry (at most 1 s
+    // in) has passed, but status does not show the two failures since, so it does not
+    // call before the last process would have. Nor does it wait out the minute in which
+    // failures may go unwritten: it started 10 s in, and the last process made none later.
     let restarted = context(&w.client, &w.api, &w.clock);
     let pass = || async {
         let obj = w.tokens().get("messaging").await.unwrap();
@@ -967,10 +979,17 @@ async fn a_new_process_resumes_a_back_off_no_sooner_than_the_last_one_would_have
         w.clock.advance(Duration::from_secs(1));
     }
     let first_call = first_call.expect("the new process retries within 10 minutes");
+    let after = |t: Timestamp| t.duration_since(start).as_secs_f64();
     assert!(
-        first_call > start + SignedDuration::from_secs(60),
-        "retried {} s after the streak began",
-        first_call.duration_since(start).as_secs()
+        first_call >= would_have,
+        "retried {} s after the streak began, before the last process would have ({} s)",
+        after(first_call),
+        after(would_have)
+    );
+    assert!(
+        first_call < start + SignedDuration::from_secs(60),
+        "retried {} s after the streak began: a minute's wait for nothing",
+        after(first_call)
     );
 }
 

@@ -156,7 +156,7 @@ impl<'a> Pass<'a> {
             obj,
             ctx,
             secrets: Api::namespaced(ctx.client.clone(), &key.namespace),
-            backoff: backoff(ctx, &key, obj),
+            backoff: backoff(ctx, &key, obj, ctx.clock.now()),
             key,
             now: ctx.clock.now(),
             prev: obj.status.clone().unwrap_or_default(),
@@ -331,7 +331,7 @@ impl<'a> Pass<'a> {
 /// (it started, or it leads again), resumed from the last status written
 /// ([`policy::resumed_backoff`]). A count in memory that status contradicts is another
 /// replica's older view and is dropped: status has moved on past it.
-fn backoff(ctx: &Context, key: &Key, obj: &ScgToken) -> Backoff {
+fn backoff(ctx: &Context, key: &Key, obj: &ScgToken, now: Timestamp) -> Backoff {
     let status = obj.status.clone().unwrap_or_default();
     let written = status.consecutive_failures;
     let remembered = ctx
@@ -357,6 +357,7 @@ fn backoff(ctx: &Context, key: &Key, obj: &ScgToken) -> Backoff {
         kind,
         time(&status.expires_at),
         policy::jitter_key(&obj.uid().unwrap_or_default()),
+        now,
     )
 }
 

@@ -41,6 +41,7 @@ use crate::{
         RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
     },
     k8s::bounded,
+    policy::target::is_subdomain,
 };
 
 /// Type of the condition this module computes.
@@ -49,6 +50,12 @@ pub const CONDITION_TYPE: &str = "ConsumersUpToDate";
 pub const MAX_STALE_NAMES: usize = 10;
 /// Lease duration assumed for a report Lease that does not say (as kube-node-lease does).
 pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(40);
+/// Longest heartbeat a report counts for, the bound the report policy admits
+/// (deploy/components/consumer-reports): where that policy is not installed, a Lease
+/// claiming years still drops out of the count an hour after its last renewal.
+pub const MAX_LEASE_DURATION: Duration = Duration::from_secs(3600);
+/// Longest served fingerprint read from a report (the operator's are 16 hex digits).
+const MAX_FINGERPRINT_LEN: usize = 64;
 
 /// One agent's report, read from its Lease.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,16 +77,19 @@ pub struct AgentReport {
 }
 
 /// The report in a Lease written by a token agent, or `None` when the agent released it
-/// (it stopped cleanly) or it names no pod.
+/// (it stopped cleanly) or it names no pod. What status and Events may quote is held to
+/// what an agent writes, whoever wrote the Lease: the holder must be a pod name, and a
+/// served fingerprint anything but a short run of letters and digits reads as none.
 pub fn report_from_lease(lease: &Lease) -> Option<AgentReport> {
     let spec = lease.spec.as_ref()?;
-    let pod = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+    let pod = spec.holder_identity.clone().filter(|h| is_subdomain(h))?;
     let annotations = lease.annotations();
     let duration = spec
         .lease_duration_seconds
         .and_then(|s| u64::try_from(s).ok())
         .filter(|s| *s > 0)
-        .map_or(DEFAULT_LEASE_DURATION, Duration::from_secs);
+        .map_or(DEFAULT_LEASE_DURATION, Duration::from_secs)
+        .min(MAX_LEASE_DURATION);
     let pod_uid = lease
         .owner_references()
         .iter()
@@ -90,7 +100,10 @@ pub fn report_from_lease(lease: &Lease) -> Option<AgentReport> {
         pod_uid,
         fingerprint: annotations
             .get(SERVED_FINGERPRINT_ANNOTATION)
-            .filter(|f| !f.is_empty())
+            .filter(|f| {
+                (1..=MAX_FINGERPRINT_LEN).contains(&f.len())
+                    && f.bytes().all(|b| b.is_ascii_alphanumeric())
+            })
             .cloned(),
         since: annotations
             .get(SERVED_SINCE_ANNOTATION)
@@ -333,6 +346,17 @@ pub enum ConditionReason {
 }
 
 impl ConditionReason {
+    /// Every reason, for tables that must cover each one.
+    pub const ALL: [ConditionReason; 7] = [
+        ConditionReason::UpToDate,
+        ConditionReason::StaleConsumers,
+        ConditionReason::NoReports,
+        ConditionReason::RestartRefused,
+        ConditionReason::ReportsDisabled,
+        ConditionReason::ReportsUnavailable,
+        ConditionReason::LostConsumers,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConditionReason::UpToDate => "UpToDate",
@@ -1430,9 +1454,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn reports_are_read_from_leases_and_released_ones_are_ignored() {
-        let lease = |holder: Option<&str>, duration: Option<i32>| Lease {
+    /// A report Lease as an agent writes it, held by `holder`.
+    fn lease(holder: Option<&str>, duration: Option<i32>) -> Lease {
+        Lease {
             metadata: ObjectMeta {
                 name: Some("p-scgtoken-messaging".into()),
                 annotations: Some(BTreeMap::from([
@@ -1455,7 +1479,11 @@ mod tests {
                 renew_time: Some(MicroTime(at(4))),
                 ..LeaseSpec::default()
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn reports_are_read_from_leases_and_released_ones_are_ignored() {
         let r = report_from_lease(&lease(Some("p"), Some(30))).unwrap();
         assert_eq!(
             r,
@@ -1475,6 +1503,29 @@ mod tests {
         assert_eq!(r.duration, DEFAULT_LEASE_DURATION);
         assert_eq!(report_from_lease(&lease(None, Some(30))), None);
         assert_eq!(report_from_lease(&lease(Some(""), Some(30))), None);
+    }
+
+    /// A Lease written by hand, not by an agent: what it claims is bounded, and nothing
+    /// in it that is not a pod name or a fingerprint reaches status or an Event.
+    #[test]
+    fn a_forged_report_is_held_to_what_an_agent_writes() {
+        let forged = "ACTION REQUIRED: paste consumerSecret at https://evil.example/";
+        assert_eq!(report_from_lease(&lease(Some(forged), Some(30))), None);
+        assert_eq!(report_from_lease(&lease(Some("Pod_1"), Some(30))), None);
+        let r = report_from_lease(&lease(Some("p"), Some(i32::MAX))).unwrap();
+        assert_eq!(r.duration, MAX_LEASE_DURATION);
+        assert!(!is_alive(
+            &r,
+            after(r.renewed.unwrap(), Duration::from_secs(3601))
+        ));
+        for bad in [forged, "", "abc def", &"a".repeat(65)] {
+            let mut l = lease(Some("p"), Some(30));
+            l.metadata
+                .annotations
+                .get_or_insert_default()
+                .insert(SERVED_FINGERPRINT_ANNOTATION.into(), bad.into());
+            assert_eq!(report_from_lease(&l).unwrap().fingerprint, None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `kubectl scgtoken consumers NAME`: the pods whose token agents report for the ScgToken,
 //! which token (by fingerprint) each serves, and whether that is the current one.
 //!
-//! `status.consumers` holds the counts and the stale pods' names only; the per-pod detail
-//! is in the agents' report Leases, read here with the operator's own rules
-//! ([`crate::consumers`]), so the plugin and the condition never disagree on who is stale.
+//! `status.consumers` holds the counts and the stale and lost pods' names only; the
+//! per-pod detail is in the agents' report Leases, read here with the operator's own rules
+//! ([`crate::consumers`]). A pod that status names as stale or lost is shown so: the
+//! operator remembers since when each pod is behind, across rotations, which one look at
+//! the Leases cannot tell.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{collections::BTreeSet, fmt::Write as _, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -13,7 +15,9 @@ use kube::{Api, ResourceExt, api::ListParams};
 
 use super::{Failure, Target, emit, status::when};
 use crate::{
-    consumers::{AgentReport, CurrentToken, aggregate, is_alive, report_from_lease},
+    consumers::{
+        AgentReport, BehindPods, CurrentToken, aggregate, is_alive, report_from_lease, track_behind,
+    },
     crd::{AGENT_MODE_ANNOTATION, AGENT_SCGTOKEN_LABEL, ScgToken},
     k8s::bounded,
     policy::parse_duration,
@@ -24,7 +28,8 @@ use crate::{
 pub struct PodLine {
     pub pod: String,
     pub fingerprint: String,
-    /// `current`, `switching`, `stale` or `gone` (its heartbeat expired).
+    /// `current`, `switching`, `stale`, `lost` (its heartbeat expired, its pod still runs,
+    /// as status says) or `gone` (its heartbeat expired).
     pub state: &'static str,
     pub since: String,
     pub mode: String,
@@ -47,14 +52,20 @@ pub fn classify(
         .as_ref()
         .and_then(|c| parse_duration(&c.stale_after))
         .unwrap_or(Duration::from_secs(10));
+    let consumers = status.consumers.clone().unwrap_or_default();
+    let (stale, lost) = (consumers.stale_pods, consumers.lost_pods);
     let mut lines: Vec<PodLine> = reports
         .iter()
         .map(|(r, mode)| {
-            let one = aggregate(std::slice::from_ref(r), current, stale_after, now);
+            let one = std::slice::from_ref(r);
+            let behind = track_behind(&BehindPods::new(), one, current);
+            let one = aggregate(one, current, &behind, &BTreeSet::new(), stale_after, now);
             let state = match (is_alive(r, now), one.current, one.stale) {
+                (false, _, _) if lost.contains(&r.pod) => "lost",
                 (false, _, _) => "gone",
                 (true, 1, _) => "current",
                 (true, _, 1) => "stale",
+                _ if stale.contains(&r.pod) => "stale",
                 _ => "switching",
             };
             PodLine {
@@ -83,8 +94,8 @@ pub fn render(token: &ScgToken, pods: &Result<Vec<PodLine>, String>) -> String {
         Some(c) => {
             let _ = writeln!(
                 out,
-                "status.consumers: {} current of {} reporting, {} stale",
-                c.current, c.total, c.stale
+                "status.consumers: {} current of {} reporting, {} stale, {} lost",
+                c.current, c.total, c.stale, c.lost
             );
         }
         None if token.spec.consumers.as_ref().is_some_and(|c| c.agents) => {
@@ -98,8 +109,13 @@ pub fn render(token: &ScgToken, pods: &Result<Vec<PodLine>, String>) -> String {
     match pods {
         Err(why) => {
             let _ = writeln!(out, "pods: not shown: {why}");
-            for pod in status.consumers.iter().flat_map(|c| &c.stale_pods) {
-                let _ = writeln!(out, "  {pod}  stale");
+            for c in status.consumers.iter() {
+                for pod in &c.stale_pods {
+                    let _ = writeln!(out, "  {pod}  stale");
+                }
+                for pod in &c.lost_pods {
+                    let _ = writeln!(out, "  {pod}  lost");
+                }
             }
         }
         Ok(list) if list.is_empty() => out.push_str("pods: no token agent reports\n"),
@@ -150,7 +166,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ConsumersSpec, ScgTokenSpec, ScgTokenStatus};
+    use crate::crd::{ConsumersSpec, ConsumersStatus, ScgTokenSpec, ScgTokenStatus};
     use jiff::SignedDuration;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -167,10 +183,16 @@ mod tests {
         t.status = Some(ScgTokenStatus {
             token_fingerprint: Some("new".into()),
             last_refresh_at: Some(Time(stored)),
+            consumers: Some(ConsumersStatus {
+                stale_pods: vec!["e".into()],
+                lost_pods: vec!["f".into()],
+                ..ConsumersStatus::default()
+            }),
             ..Default::default()
         });
         let report = |pod: &str, fp: &str, started: Timestamp, renewed: Timestamp| AgentReport {
             pod: pod.into(),
+            pod_uid: None,
             fingerprint: Some(fp.into()),
             since: Some(started),
             started: Some(started),
@@ -189,6 +211,16 @@ mod tests {
                 report("d", "new", early, now - SignedDuration::from_secs(30)),
                 "-".to_string(),
             ),
+            // Behind for 2 s by its Lease, stale by the operator's memory of it.
+            (
+                report("e", "old", now - SignedDuration::from_secs(2), now),
+                "-".to_string(),
+            ),
+            // Silent, and its pod still runs, as status says.
+            (
+                report("f", "new", early, now - SignedDuration::from_secs(30)),
+                "-".to_string(),
+            ),
         ];
         let states: Vec<_> = classify(&t, &reports, now)
             .into_iter()
@@ -200,7 +232,9 @@ mod tests {
                 ("a".to_string(), "current"),
                 ("b".to_string(), "stale"),
                 ("c".to_string(), "switching"),
-                ("d".to_string(), "gone")
+                ("d".to_string(), "gone"),
+                ("e".to_string(), "stale"),
+                ("f".to_string(), "lost")
             ]
         );
         let text = render(&t, &Ok(classify(&t, &reports, now)));

@@ -63,6 +63,11 @@ pub fn other(type_: &str, reason: &str, name: &str) -> Option<String> {
         ("ConsumersUpToDate", "RestartRefused") => "env-var consumers cannot keep up with \
              tokens this short-lived: use the token agent, or lengthen spec.validity"
             .to_string(),
+        ("ConsumersUpToDate", "LostConsumers") => format!(
+            "the token agents of the pods kubectl scgtoken consumers {name} shows as lost \
+             stopped reporting while their pods run: check those agents (logs, restarts, \
+             OOM kills); nobody knows which token those pods serve"
+        ),
         ("ConsumersUpToDate", "NoReports") => "no token agent reports for this ScgToken: check \
              that the agents run and label their Lease scgtoken.io/scgtoken"
             .to_string(),
@@ -84,6 +89,7 @@ pub fn other(type_: &str, reason: &str, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consumers::ConditionReason;
 
     #[test]
     fn every_unhappy_ready_reason_has_a_hint() {
@@ -103,18 +109,10 @@ mod tests {
 
     #[test]
     fn consumer_reasons_have_hints_and_happy_ones_none() {
-        for reason in [
-            "StaleConsumers",
-            "RestartRefused",
-            "NoReports",
-            "ReportsDisabled",
-            "ReportsUnavailable",
-        ] {
-            assert!(
-                other("ConsumersUpToDate", reason, "m").is_some(),
-                "{reason}"
-            );
+        for reason in ConditionReason::ALL {
+            let reason = reason.as_str();
+            let hint = other("ConsumersUpToDate", reason, "m");
+            assert_eq!(hint.is_none(), reason == "UpToDate", "{reason}: {hint:?}");
         }
-        assert_eq!(other("ConsumersUpToDate", "UpToDate", "m"), None);
     }
 }

@@ -186,6 +186,9 @@ fn render_consumers(out: &mut String, token: &ScgToken) {
             if !c.stale_pods.is_empty() {
                 let _ = write!(out, ": {}", c.stale_pods.join(", "));
             }
+            if c.lost > 0 {
+                let _ = write!(out, "; {} lost: {}", c.lost, c.lost_pods.join(", "));
+            }
             out.push('\n');
         }
         None if agents => {
@@ -308,7 +311,7 @@ mod tests {
                 current: 2,
                 stale: 1,
                 stale_pods: vec!["web-1".into()],
-                slowest_switch_seconds: None,
+                ..ConsumersStatus::default()
             }),
             ..Default::default()
         });

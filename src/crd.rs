@@ -95,6 +95,9 @@ pub struct ScgTokenSpec {
     /// key, consumer secret and seed access token. A Secret in another namespace cannot be
     /// named. The seed is used once, to start a token chain; when its value changes (a
     /// human re-generated the token in the SDC UI), a new chain starts from it at once.
+    /// The Secret must be opted in by whoever may write it: label
+    /// `scgtoken.io/credentials: "true"`, or annotation `scgtoken.io/allowed-scgtokens`
+    /// listing this ScgToken's name; else nothing is read (`CredentialsNotAllowed`).
     pub credentials_secret_ref: CredentialsSecretRef,
 
     /// Requested lifetime of each new token, sent as the `validity` of the refresh call.
@@ -131,12 +134,16 @@ pub struct ScgTokenSpec {
     /// `https://api.syniverse.com/v1/apptoken-refresh`). It starts with `https://`, in
     /// lower case (the CRD's rule and the operator agree). Plain `http://` is refused unless
     /// the operator runs with `--allow-insecure-endpoints` (tests and local trials only).
+    /// Its host must be one the operator allows (`--allowed-endpoints`, default
+    /// `api.syniverse.com`); any other is refused before any call is made.
     #[serde(default = "default_endpoint")]
     #[x_kube(validation = Rule::new("self.startsWith('https://') || self.startsWith('http://')").message("endpoint must be an http(s) URL"))]
     pub endpoint: String,
 
     /// A Secret in the same namespace whose keys become extra request headers of the
     /// refresh call, e.g. a key `Cookie`. Values are treated as secrets. Unset by default.
+    /// Like the credentials Secret, it must be opted in (label `scgtoken.io/credentials:
+    /// "true"` or annotation `scgtoken.io/allowed-scgtokens`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers_from: Option<SecretName>,
 
@@ -284,6 +291,7 @@ pub struct TargetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('sh.helm.release.')").message("target name is reserved for Helm's release Secrets"))]
     pub name: Option<String>,
     /// Key holding the access token. Default `accessToken`.
     #[serde(default = "default_access_token_key")]
@@ -304,8 +312,14 @@ pub struct TargetSpec {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
     /// Type of a Secret the operator creates. Default `Opaque`. Kubernetes does not allow
-    /// changing the type of an existing Secret.
+    /// changing the type of an existing Secret. Types of the `kubernetes.io`, `k8s.io`,
+    /// `helm.sh` and `scgtoken.io` domains are refused: their controllers trust a Secret
+    /// by its type. Labels and annotations with those prefixes are refused too, at
+    /// runtime (condition `Ready` False, `InvalidSpec`), except Kubernetes' recommended
+    /// `app.kubernetes.io/` labels other than `managed-by`.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    #[x_kube(validation = Rule::new("!self.matches('^([^/]*[.])?(kubernetes[.]io|k8s[.]io|helm[.]sh|scgtoken[.]io)/')").message("target type belongs to Kubernetes or Helm, whose controllers trust Secrets of that type"))]
     pub type_: Option<String>,
     /// What happens to the target Secret when the ScgToken is deleted: `Retain` (default)
     /// keeps it and its last token; `Delete` gives it an owner reference so Kubernetes

@@ -95,7 +95,8 @@ struct RunArgs {
     #[arg(long, env = "SCG_CONCURRENT_RECONCILES", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     concurrent_reconciles: u16,
     /// Read the token agents' report Leases for ScgTokens with `spec.consumers.agents`
-    /// (needs leases list/watch: deploy/components/consumer-reports).
+    /// (needs leases list/watch, and pods get to tell a lost agent from a deleted pod:
+    /// deploy/components/consumer-reports).
     #[arg(long, env = "SCG_CONSUMER_REPORTS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     consumer_reports: bool,
 }

@@ -147,6 +147,21 @@ const BAD_SPECS: &[(&str, &str, &str)] = &[
         "target name is not a valid Secret name: at most 253 lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit",
     ),
     (
+        "target name of a Helm release Secret",
+        r#"{"target": {"name": "sh.helm.release.v1.payments.v9"}}"#,
+        "target name is reserved for Helm's release Secrets",
+    ),
+    (
+        "target type of Helm",
+        r#"{"target": {"type": "helm.sh/release.v1"}}"#,
+        "target type belongs to Kubernetes or Helm, whose controllers trust Secrets of that type",
+    ),
+    (
+        "target type of a Kubernetes subdomain",
+        r#"{"target": {"type": "bootstrap.kubernetes.io/token"}}"#,
+        "target type belongs to Kubernetes or Helm, whose controllers trust Secrets of that type",
+    ),
+    (
         "expiryKey equal to tokenKey",
         r#"{"target": {"tokenKey": "token", "expiryKey": "token"}}"#,
         "target expiryKey must differ from tokenKey: the expiry would overwrite the token",
@@ -185,6 +200,14 @@ const GOOD_SPECS: &[(&str, &str)] = &[
         r#"{"target": {"name": "scg-token.messaging", "tokenKey": "token", "expiryKey": "accessToken"}}"#,
     ),
     ("shortest refreshBefore", r#"{"refreshBefore": "1s"}"#),
+    (
+        "a Secret type of one's own, a name that only looks like Helm's",
+        r#"{"target": {"type": "example.com/scg-token", "name": "sh.helm.releases-of-mine"}}"#,
+    ),
+    (
+        "a type whose domain only ends like a reserved one",
+        r#"{"target": {"type": "notkubernetes.io/x"}}"#,
+    ),
     (
         "consumers at their bounds",
         r#"{"consumers": {"agents": true, "staleAfter": "1s", "podSelector": {"matchLabels": {"app": "a"}}}}"#,

@@ -106,7 +106,8 @@ fn not_squatting(t: &TargetSpec) -> Result<(), InvalidSpec> {
         let recommended = prefix == "app.kubernetes.io" && name != "managed-by";
         if is_reserved(prefix) && !recommended {
             return Err(InvalidSpec(format!(
-                "target {what} {key:?} has the reserved prefix {prefix}/: it belongs to                  Kubernetes, Helm or this operator"
+                "target {what} {key:?} has the reserved prefix {prefix}/: it belongs to \
+                 Kubernetes, Helm or this operator"
             )));
         }
     }
@@ -118,7 +119,9 @@ fn not_squatting(t: &TargetSpec) -> Result<(), InvalidSpec> {
         .is_some_and(|(domain, _)| is_reserved(domain))
     {
         return Err(InvalidSpec(format!(
-            "target type {type_:?} belongs to Kubernetes or Helm, whose controllers trust              Secrets of that type; leave it unset (Opaque) or use a type of your own such as              example.com/scg-token"
+            "target type {type_:?} belongs to Kubernetes or Helm, whose controllers trust \
+             Secrets of that type; leave it unset (Opaque) or use a type of your own such as \
+             example.com/scg-token"
         )));
     }
     Ok(())
@@ -314,6 +317,7 @@ mod tests {
         for (want, t) in bad {
             let err = check(&t).expect_err(want).0;
             assert!(err.contains(want), "{err:?} should mention {want:?}");
+            assert!(!err.contains("  "), "{err:?} reads as one sentence");
         }
     }
 }

@@ -184,6 +184,57 @@ mod tests {
         assert!(Cli::try_parse_from(["k", "renew", "x", "--timeout", "soon"]).is_err());
     }
 
+    /// The krew manifest: what `kubectl krew install` reads. `plugin-package` writes its
+    /// sha256 and version; this holds the rest to what krew and this crate expect.
+    #[test]
+    fn the_krew_manifest_installs_this_binary_for_linux_amd64() {
+        let m: serde_yaml::Value = serde_yaml::from_str(include_str!("../../plugin.yaml")).unwrap();
+        assert_eq!(
+            m["apiVersion"].as_str(),
+            Some("krew.googlecontainertools.github.com/v1alpha2")
+        );
+        assert_eq!(m["kind"].as_str(), Some("Plugin"));
+        assert_eq!(m["metadata"]["name"].as_str(), Some("scgtoken"));
+        let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(m["spec"]["version"].as_str(), Some(version.as_str()));
+        assert!(
+            m["spec"]["shortDescription"]
+                .as_str()
+                .is_some_and(|d| d.len() <= 60)
+        );
+        let platforms = m["spec"]["platforms"].as_sequence().unwrap();
+        let linux = platforms
+            .iter()
+            .find(|p| {
+                let labels = &p["selector"]["matchLabels"];
+                labels["os"].as_str() == Some("linux") && labels["arch"].as_str() == Some("amd64")
+            })
+            .expect("a linux/amd64 platform");
+        let uri = linux["uri"].as_str().unwrap();
+        assert_eq!(
+            uri,
+            format!(
+                "https://github.com/scgtoken/scg-token-operator/releases/download/{version}/\
+                 kubectl-scgtoken-{version}-linux-amd64.tar.gz"
+            )
+        );
+        let sha = linux["sha256"].as_str().unwrap();
+        assert!(
+            sha.len() == 64
+                && sha
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "sha256 is not 64 lower-case hex digits: {sha:?} (run ./plugin-package)"
+        );
+        assert_eq!(linux["bin"].as_str(), Some("kubectl-scgtoken"));
+        let files = linux["files"].as_sequence().unwrap();
+        assert!(
+            files
+                .iter()
+                .any(|f| f["from"].as_str() == Some("kubectl-scgtoken"))
+        );
+    }
+
     #[test]
     fn a_seed_is_never_an_argument() {
         assert!(Cli::try_parse_from(["k", "reseed", "x", "the-token"]).is_err());

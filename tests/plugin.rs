@@ -156,6 +156,25 @@ fn planted(env: &Env, extra: &[&str]) -> Vec<String> {
     all
 }
 
+/// Whether one line of `out` holds every one of `parts`.
+fn has_line(out: &str, parts: &[&str]) -> bool {
+    out.lines().any(|l| parts.iter().all(|p| l.contains(p)))
+}
+
+/// An ScgToken "broken" whose credentials SCG does not know, the operator, and its
+/// `Rejected`. Returns the operator.
+async fn rejected_token(env: &Env) -> common::harness::Operator {
+    env.put_credentials("bad-creds", UNKNOWN_CONSUMER, UNKNOWN_SEED)
+        .await;
+    env.scgtoken("broken", "bad-creds", |_| {}).await;
+    let op = env.operator(&[]);
+    env.eventually("Rejected", || async {
+        env.ready("broken").await.filter(|(_, r)| r == "Rejected")
+    })
+    .await;
+    op
+}
+
 /// Credentials, an ScgToken "messaging" with long-lived tokens (refreshes happen when a
 /// test asks), the operator, and the first token stored. Returns the operator.
 async fn ready_token(env: &Env, extra: &[&str]) -> common::harness::Operator {
@@ -191,24 +210,12 @@ async fn status_shows_ready_the_countdowns_and_the_events() {
     let out = &ran.stdout;
     assert!(out.contains("Ready:         True (Refreshed)"), "{out}");
     assert!(out.contains(&format!("fingerprint {fp}")), "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("Expires:") && l.contains("(in 59m")),
-        "{out}"
-    );
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("Next refresh:") && l.contains("(in ")),
-        "{out}"
-    );
+    assert!(has_line(out, &["Expires:", "(in 59m"]), "{out}");
+    assert!(has_line(out, &["Next refresh:", "(in "]), "{out}");
     assert!(out.contains("Consumers:     not tracked"), "{out}");
     assert!(!out.contains("hint:"), "a happy token needs no hint: {out}");
     // The operator announces the first token of the chain.
-    assert!(
-        out.lines()
-            .any(|l| l.contains("Normal") && l.contains("Refreshed")),
-        "{out}"
-    );
+    assert!(has_line(out, &["Normal", "Refreshed"]), "{out}");
     assert_no_secret("status", &ran.all(), &planted(&env, &[]));
     env.finish().await;
 }
@@ -217,29 +224,16 @@ async fn status_shows_ready_the_countdowns_and_the_events() {
 #[cfg_attr(not(kubectl), ignore = "needs kubectl on PATH")]
 async fn status_tells_what_to_do_about_a_refused_chain() {
     let env = Env::start(SimConfig::default()).await;
-    env.put_credentials("bad-creds", UNKNOWN_CONSUMER, UNKNOWN_SEED)
-        .await;
-    env.scgtoken("broken", "bad-creds", |_| {}).await;
-    let _op = env.operator(&[]);
-    env.eventually("Rejected", || async {
-        env.ready("broken").await.filter(|(_, r)| r == "Rejected")
-    })
-    .await;
+    let _op = rejected_token(&env).await;
     let ran = plugin(&env, &["status", "broken"]).await.ok();
     let out = &ran.stdout;
     assert!(out.contains("Ready:         False (Rejected)"), "{out}");
     assert!(
-        out.lines()
-            .any(|l| l.trim_start().starts_with("hint:")
-                && l.contains("kubectl scgtoken reseed broken")),
+        has_line(out, &["hint:", "kubectl scgtoken reseed broken"]),
         "{out}"
     );
     assert!(out.contains("Failures:      1 in a row"), "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains("Warning") && l.contains("Rejected")),
-        "{out}"
-    );
+    assert!(has_line(out, &["Warning", "Rejected"]), "{out}");
     assert_no_secret("status", &ran.all(), &planted(&env, &[]));
     env.finish().await;
 }
@@ -338,14 +332,7 @@ async fn renew_refreshes_now_and_prints_the_new_fingerprint() {
 #[cfg_attr(not(kubectl), ignore = "needs kubectl on PATH")]
 async fn renew_says_why_when_the_refresh_fails_or_nothing_answers() {
     let env = Env::start(SimConfig::default()).await;
-    env.put_credentials("bad-creds", UNKNOWN_CONSUMER, UNKNOWN_SEED)
-        .await;
-    env.scgtoken("broken", "bad-creds", |_| {}).await;
-    let mut op = env.operator(&[]);
-    env.eventually("Rejected", || async {
-        env.ready("broken").await.filter(|(_, r)| r == "Rejected")
-    })
-    .await;
+    let mut op = rejected_token(&env).await;
     // The operator acts on the request at once, back-off or not, and is refused again.
     let ran = plugin(&env, &["renew", "broken"]).await;
     ran.one_line_error("the refresh failed: Ready is Rejected");

@@ -93,8 +93,6 @@ impl Operator {
             .args([
                 "run",
                 "--allow-insecure-endpoints",
-                // The simulator listens on loopback.
-                "--allowed-endpoints=127.0.0.1",
                 "--admin-addr=127.0.0.1:0",
                 "--leader-elect=false",
                 "--log-format=json",
@@ -103,6 +101,10 @@ impl Operator {
             .arg(format!("--namespace={namespace}"))
             .env("KUBECONFIG", kubeconfig)
             .env("NO_COLOR", "1")
+            // The simulator listens on loopback. Set through the environment, which a
+            // build from before --allowed-endpoints ignores, so --operator-bin can run
+            // such a build side by side with this one.
+            .env("SCG_ALLOWED_ENDPOINTS", "127.0.0.1")
             .env_remove("RUST_LOG")
             .envs(env)
             .stdin(Stdio::null())

@@ -471,6 +471,17 @@ impl HelmInstall {
             watched: watched.to_string(),
         };
         let ca = lane.dir("helm", &[("ca.crt", sim.ca_pem().expect("TLS simulator"))]);
+        // The chart installs the CRD as its own (crds.enabled): one left by another
+        // install is not the release's, and helm would refuse to take it over.
+        let _ = kubectl_try(
+            &[
+                "delete",
+                "crd",
+                "scgtokens.scgtoken.io",
+                "--ignore-not-found",
+            ],
+            None,
+        );
         // Namespaced mode grants a Role in the watched namespace, which must exist.
         kubectl(&["create", "namespace", watched]);
         kubectl(&["create", "namespace", OPERATOR_NS]);
@@ -541,7 +552,8 @@ impl Drop for HelmInstall {
             ],
             None,
         );
-        // Helm leaves the CRDs of crds/ in place; the next install brings its own.
+        // helm uninstall keeps the CRD (helm.sh/resource-policy: keep); the next install
+        // brings its own.
         let _ = kubectl_try(
             &[
                 "delete",

@@ -37,8 +37,9 @@ use prometheus_client::{
 
 use crate::{
     crd::{
-        ConsumersStatus, NUDGED_FOR_ANNOTATION, RESTARTED_AT_ANNOTATION, RESTARTED_FOR_ANNOTATION,
-        RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
+        ConsumersStatus, NUDGED_FOR_ANNOTATION, RESTART_FOR_ANNOTATION, RESTARTED_AT_ANNOTATION,
+        RESTARTED_FOR_ANNOTATION, RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION,
+        SERVED_SINCE_ANNOTATION,
     },
     k8s::bounded,
     policy::target::is_subdomain,
@@ -668,6 +669,16 @@ pub enum RestartOutcome {
     NotBefore(Timestamp),
     /// No such workload.
     NotFound,
+    /// The workload does not opt in ([`opted_in`]): left unchanged.
+    NotAllowed,
+}
+
+/// Whether `annotations` opt in to restarts and nudges for the ScgToken `scgtoken`:
+/// [`RESTART_FOR_ANNOTATION`] lists its name.
+pub fn opted_in(annotations: &BTreeMap<String, String>, scgtoken: &str) -> bool {
+    annotations
+        .get(RESTART_FOR_ANNOTATION)
+        .is_some_and(|names| names.split(',').any(|n| n.trim() == scgtoken))
 }
 
 /// Field manager of the operator's writes to pods and workloads.
@@ -684,11 +695,13 @@ fn kind_name(kind: RestartKind) -> &'static str {
 /// Restarts `target` (in `namespace`) for the token with `fingerprint` the way
 /// `kubectl rollout restart` does: by changing pod-template annotations
 /// ([`RESTARTED_FOR_ANNOTATION`], [`RESTARTED_AT_ANNOTATION`]) with a merge patch. At most
-/// once per token and once per [`RESTART_DEBOUNCE`]; the caller checks
+/// once per token and once per [`RESTART_DEBOUNCE`], and only a workload that opts in
+/// for the ScgToken `scgtoken` ([`opted_in`], on its own metadata); the caller checks
 /// [`restart_refusal`] first. Needs `get` and `patch` on the workload.
 pub async fn rollout_restart(
     client: kube::Client,
     namespace: &str,
+    scgtoken: &str,
     target: &RolloutRestartTarget,
     fingerprint: &str,
     now: Timestamp,
@@ -699,6 +712,9 @@ pub async fn rollout_restart(
     let Some(obj) = bounded(api.get_opt(&target.name)).await? else {
         return Ok(RestartOutcome::NotFound);
     };
+    if !opted_in(obj.annotations(), scgtoken) {
+        return Ok(RestartOutcome::NotAllowed);
+    }
     let annotations: BTreeMap<String, String> = obj
         .data
         .pointer("/spec/template/metadata/annotations")
@@ -727,6 +743,8 @@ pub async fn rollout_restart(
 pub struct NudgeOutcome {
     /// Pods annotated now.
     pub nudged: u32,
+    /// Pods that match the selector and do not opt in ([`opted_in`]): left unchanged.
+    pub not_allowed: u32,
     /// Pods already annotated for this token.
     pub already: u32,
     /// Pods that are terminating or finished.
@@ -754,7 +772,8 @@ pub enum PodNudge {
     Skip,
 }
 
-/// Whether a pod should be annotated for `fingerprint`.
+/// Whether a pod should be annotated for `fingerprint` (whether it may be is
+/// [`opted_in`]).
 pub fn pod_nudge(pod: &Pod, fingerprint: &str) -> PodNudge {
     let finished = pod
         .status
@@ -775,12 +794,14 @@ pub fn pod_nudge(pod: &Pod, fingerprint: &str) -> PodNudge {
     }
 }
 
-/// Annotates every live pod matching `selector` with [`NUDGED_FOR_ANNOTATION`] =
-/// `fingerprint`, which makes its kubelet sync the pod and update its Secret volumes at
-/// once. Idempotent per token. Needs `list` and `patch` on pods. An empty selector is
-/// refused: it would match every pod in the namespace.
+/// Annotates every live pod matching `selector` that opts in for `scgtoken`
+/// ([`opted_in`]) with [`NUDGED_FOR_ANNOTATION`] = `fingerprint`, which makes its kubelet
+/// sync the pod and update its Secret volumes at once. Idempotent per token. Needs
+/// `list` and `patch` on pods. An empty selector is refused: it would match every pod in
+/// the namespace.
 pub async fn nudge_pods(
     pods: &Api<Pod>,
+    scgtoken: &str,
     selector: &LabelSelector,
     fingerprint: &str,
 ) -> Result<NudgeOutcome, NudgeError> {
@@ -795,6 +816,10 @@ pub async fn nudge_pods(
     let mut outcome = NudgeOutcome::default();
     let mut todo = Vec::new();
     for pod in list.items {
+        if !opted_in(pod.annotations(), scgtoken) {
+            outcome.not_allowed += 1;
+            continue;
+        }
         match pod_nudge(&pod, fingerprint) {
             PodNudge::Skip => outcome.skipped += 1,
             PodNudge::Already => outcome.already += 1,
@@ -1503,6 +1528,20 @@ mod tests {
         assert_eq!(r.duration, DEFAULT_LEASE_DURATION);
         assert_eq!(report_from_lease(&lease(None, Some(30))), None);
         assert_eq!(report_from_lease(&lease(Some(""), Some(30))), None);
+    }
+
+    #[test]
+    fn a_workload_opts_in_by_naming_the_scgtoken() {
+        let with = |v: &str| BTreeMap::from([(RESTART_FOR_ANNOTATION.to_string(), v.to_string())]);
+        assert!(opted_in(&with("messaging"), "messaging"));
+        assert!(opted_in(&with("voice, messaging ,sms"), "messaging"));
+        assert!(!opted_in(&with("messaging-old"), "messaging"));
+        assert!(
+            !opted_in(&with("*"), "messaging"),
+            "no wildcard: names only"
+        );
+        assert!(!opted_in(&with(""), "messaging"));
+        assert!(!opted_in(&BTreeMap::new(), "messaging"));
     }
 
     /// A Lease written by hand, not by an agent: what it claims is bounded, and nothing

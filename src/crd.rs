@@ -45,6 +45,11 @@ pub const AGENT_MODE_ANNOTATION: &str = "scgtoken.io/agent-mode";
 /// fingerprint of the token they were nudged for. Changing it makes the kubelet sync the
 /// pod, and with it its Secret volumes, at once.
 pub const NUDGED_FOR_ANNOTATION: &str = "scgtoken.io/nudged-for";
+/// Annotation by which a workload (on its own metadata) or a pod opts in to being
+/// restarted or nudged for the ScgTokens it names (comma-separated names of ScgTokens in
+/// its namespace). Whoever writes a ScgToken cannot set it on someone else's workload, so
+/// a ScgToken cannot make the operator touch a workload that did not ask for it.
+pub const RESTART_FOR_ANNOTATION: &str = "scgtoken.io/restart-for";
 /// Pod-template annotation the operator sets on rollout-restart targets: the fingerprint
 /// of the token the restart was for. Changing the template rolls the workload.
 pub const RESTARTED_FOR_ANNOTATION: &str = "scgtoken.io/restarted-for";
@@ -204,7 +209,9 @@ pub struct ConsumersSpec {
     /// next periodic sync (up to about 90 s). Tried once per token; a failure is a Warning
     /// Event (`NudgeFailed`) and never holds back the token. Needs the operator's optional
     /// pods list/patch permission (`deploy/components/consumer-nudge`). An empty selector
-    /// (matching every pod) is refused. Unset by default: no pod is touched.
+    /// (matching every pod) is refused. Only pods that opt in are touched: annotation
+    /// `scgtoken.io/restart-for` naming this ScgToken (set it in the pod template); the
+    /// others are a `NudgeNotAllowed` Warning. Unset by default: no pod is touched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)").message("podSelector must not be empty: it would match every pod in the namespace"))]
     pub pod_selector: Option<LabelSelector>,
@@ -218,7 +225,10 @@ pub struct ConsumersSpec {
     /// the time, and its pods would hold a dead token for the length of every rollout.
     /// Each restart is a `RolloutRestarted` Event; a failed one a `RestartFailed` Warning,
     /// tried again 30 s later. Needs the optional permission in
-    /// `deploy/components/rollout-restart`. At most 20.
+    /// `deploy/components/rollout-restart`. A workload is restarted only if it opts in
+    /// with the annotation `scgtoken.io/restart-for` naming this ScgToken on its own
+    /// metadata; otherwise it is left unchanged, with a `RestartNotAllowed` Warning. At
+    /// most 20.
     /// Empty by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]

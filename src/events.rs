@@ -21,7 +21,7 @@ use kube::{
 use crate::{consumers::ConditionReason, k8s, report::Reason};
 
 /// The Event reasons that are neither a `Ready` reason nor a `ConsumersUpToDate` one.
-const OTHER_REASONS: [&str; 8] = [
+const OTHER_REASONS: [&str; 10] = [
     // The refresh: a new chain from a new seed, the end of a failure streak, the end of
     // a suspension.
     "SeedRotated",
@@ -33,6 +33,9 @@ const OTHER_REASONS: [&str; 8] = [
     "NudgeFailed",
     "RestartTargetNotFound",
     "RestartFailed",
+    // A workload or pod that does not opt in, left unchanged.
+    "RestartNotAllowed",
+    "NudgeNotAllowed",
 ];
 
 /// Every reason an Event of the operator may carry: each `Ready` reason (a change of it

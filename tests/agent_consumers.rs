@@ -19,8 +19,8 @@ use kube::{Api, api::PostParams};
 use scg_token_operator::{
     consumers::{NudgeError, NudgeOutcome, RestartOutcome, nudge_pods, rollout_restart},
     crd::{
-        NUDGED_FOR_ANNOTATION, RESTARTED_AT_ANNOTATION, RESTARTED_FOR_ANNOTATION, RestartKind,
-        RolloutRestartTarget,
+        NUDGED_FOR_ANNOTATION, RESTART_FOR_ANNOTATION, RESTARTED_AT_ANNOTATION,
+        RESTARTED_FOR_ANNOTATION, RestartKind, RolloutRestartTarget,
     },
 };
 use serde_json::json;
@@ -30,7 +30,12 @@ fn workload<K: serde::de::DeserializeOwned>(kind: &str, name: &str) -> K {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": kind,
-        "metadata": {"name": name, "namespace": "default"},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            // Opted in for two ScgTokens, one of them "messaging".
+            "annotations": {RESTART_FOR_ANNOTATION: "voice, messaging"}
+        },
         "spec": {
             "selector": {"matchLabels": {"app": name}},
             "template": {
@@ -75,7 +80,7 @@ async fn rollout_restarts_change_the_pod_template_once_per_token_and_are_debounc
     let restart = |t: RolloutRestartTarget, fp: &'static str, at: Timestamp| {
         let client = client.clone();
         async move {
-            rollout_restart(client, "default", &t, fp, at)
+            rollout_restart(client, "default", "messaging", &t, fp, at)
                 .await
                 .unwrap()
         }
@@ -133,6 +138,23 @@ async fn rollout_restarts_change_the_pod_template_once_per_token_and_are_debounc
         restart(target(RestartKind::Deployment, "absent"), "fp2", until).await,
         RestartOutcome::NotFound
     );
+
+    // A workload that does not name this ScgToken is left as it is: another team's.
+    let mut payments: Deployment = workload("Deployment", "payments");
+    payments.metadata.annotations = Some(BTreeMap::from([(
+        RESTART_FOR_ANNOTATION.to_string(),
+        "messaging-old".to_string(),
+    )]));
+    Api::<Deployment>::default_namespaced(client.clone())
+        .create(&pp, &payments)
+        .await
+        .unwrap();
+    assert_eq!(
+        restart(target(RestartKind::Deployment, "payments"), "fp3", until).await,
+        RestartOutcome::NotAllowed
+    );
+    let untouched = template_annotations(&api, "deployments", "payments");
+    assert_eq!(untouched.get(RESTARTED_FOR_ANNOTATION), None);
 }
 
 /// A stand-in for the pods API of namespace `default`: lists the given pods (recording
@@ -190,11 +212,16 @@ async fn pods_api(pods: Vec<serde_json::Value>) -> (kube::Client, Arc<PodsApi>) 
 fn pod(name: &str, nudged_for: Option<&str>, phase: &str, deleting: bool) -> serde_json::Value {
     let mut p = json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default", "labels": {"app": "client"}},
+        "metadata": {
+            "name": name,
+            "namespace": "default",
+            "labels": {"app": "client"},
+            "annotations": {RESTART_FOR_ANNOTATION: "messaging"}
+        },
         "status": {"phase": phase}
     });
     if let Some(fp) = nudged_for {
-        p["metadata"]["annotations"] = json!({ NUDGED_FOR_ANNOTATION: fp });
+        p["metadata"]["annotations"][NUDGED_FOR_ANNOTATION] = json!(fp);
     }
     if deleting {
         p["metadata"]["deletionTimestamp"] = json!("2030-01-01T00:00:00Z");
@@ -204,12 +231,16 @@ fn pod(name: &str, nudged_for: Option<&str>, phase: &str, deleting: bool) -> ser
 
 #[tokio::test]
 async fn nudges_annotate_each_live_pod_once_per_token() {
+    // A pod of another team's workload, caught by the selector: it does not opt in.
+    let mut foreign = pod("foreign", None, "Running", false);
+    foreign["metadata"]["annotations"] = json!({});
     let (client, state) = pods_api(vec![
         pod("fresh", None, "Running", false),
         pod("older", Some("fp0"), "Running", false),
         pod("done", Some("fp1"), "Running", false),
         pod("leaving", None, "Running", true),
         pod("finished", None, "Succeeded", false),
+        foreign,
     ])
     .await;
     let pods: Api<Pod> = Api::namespaced(client, "default");
@@ -221,11 +252,14 @@ async fn nudges_annotate_each_live_pod_once_per_token() {
             values: Some(vec!["batch".into()]),
         }]),
     };
-    let outcome = nudge_pods(&pods, &selector, "fp1").await.expect("nudge");
+    let outcome = nudge_pods(&pods, "messaging", &selector, "fp1")
+        .await
+        .expect("nudge");
     assert_eq!(
         outcome,
         NudgeOutcome {
             nudged: 2,
+            not_allowed: 1,
             already: 1,
             skipped: 2,
             failed: 0
@@ -249,7 +283,7 @@ async fn nudges_annotate_each_live_pod_once_per_token() {
 
     // An empty selector would match every pod: refused before any request.
     let before = state.patches.lock().unwrap().len();
-    let err = nudge_pods(&pods, &LabelSelector::default(), "fp2").await;
+    let err = nudge_pods(&pods, "messaging", &LabelSelector::default(), "fp2").await;
     assert!(matches!(err, Err(NudgeError::Selector(_))));
     assert_eq!(state.patches.lock().unwrap().len(), before);
 }

@@ -32,8 +32,8 @@ use kube::{
 use scg_token_operator::{
     chain,
     crd::{
-        ConsumersSpec, ConsumersStatus, REFRESH_REQUEST_ANNOTATION, RESTARTED_FOR_ANNOTATION,
-        RestartKind, RolloutRestartTarget,
+        ConsumersSpec, ConsumersStatus, REFRESH_REQUEST_ANNOTATION, RESTART_FOR_ANNOTATION,
+        RESTARTED_FOR_ANNOTATION, RestartKind, RolloutRestartTarget,
     },
 };
 use testkit::scgsim::SimConfig;
@@ -406,10 +406,11 @@ async fn kubectl_shows_the_consumers_column() {
     env.finish().await;
 }
 
+/// A Deployment that opts in to restarts for [`SCGTOKEN`].
 fn deployment(name: &str) -> Deployment {
     serde_json::from_value(serde_json::json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "annotations": {RESTART_FOR_ANNOTATION: SCGTOKEN}},
         "spec": {
             "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}},

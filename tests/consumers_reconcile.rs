@@ -41,9 +41,9 @@ use prometheus_client::registry::Registry;
 use scg_token_operator::{
     chain,
     crd::{
-        AGENT_SCGTOKEN_LABEL, ConsumersSpec, NUDGED_FOR_ANNOTATION, RESTARTED_FOR_ANNOTATION,
-        RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION,
-        ScgToken, ScgTokenSpec,
+        AGENT_SCGTOKEN_LABEL, ConsumersSpec, NUDGED_FOR_ANNOTATION, RESTART_FOR_ANNOTATION,
+        RESTARTED_FOR_ANNOTATION, RestartKind, RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION,
+        SERVED_SINCE_ANNOTATION, ScgToken, ScgTokenSpec,
     },
     policy::Clock,
     reconcile::{Context, reconcile},
@@ -637,16 +637,21 @@ async fn without_the_lease_cache_agents_get_a_condition_that_says_how_to_enable_
     assert_eq!(t.ready_condition().unwrap().status, "True");
 }
 
+/// A pod of `spec.podSelector` that opts in to nudges for "messaging".
 fn pod(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": NS, "labels": {"app": "client"}},
+        "metadata": {"name": name, "namespace": NS, "labels": {"app": "client"},
+            "annotations": {RESTART_FOR_ANNOTATION: "messaging"}},
         "status": {"phase": "Running"}})
 }
 
 #[tokio::test]
 async fn pods_are_nudged_once_per_stored_token_and_a_failure_only_warns() {
     let w = World::new(false).await;
-    *w.pods.pods.lock().unwrap() = vec![pod("client-1"), pod("client-2")];
+    // Another team's pod that the selector catches too: it does not opt in.
+    let mut foreign = pod("other-team");
+    foreign["metadata"]["annotations"] = json!({});
+    *w.pods.pods.lock().unwrap() = vec![pod("client-1"), pod("client-2"), foreign];
     let spec = ConsumersSpec {
         pod_selector: Some(LabelSelector {
             match_labels: Some(BTreeMap::from([("app".into(), "client".into())])),
@@ -669,6 +674,14 @@ async fn pods_are_nudged_once_per_stored_token_and_a_failure_only_warns() {
         ]
     );
     assert_eq!(*w.pods.selectors.lock().unwrap(), ["app=client"]);
+    let note = w
+        .has_event("Warning", "NudgeNotAllowed")
+        .await
+        .expect("a NudgeNotAllowed Event");
+    assert!(
+        note.contains("1 pods") && note.contains(RESTART_FOR_ANNOTATION),
+        "{note}"
+    );
     // No ConsumersUpToDate without agents or restarts.
     assert_eq!(w.condition("messaging").await, None);
 
@@ -709,10 +722,12 @@ async fn pods_are_nudged_once_per_stored_token_and_a_failure_only_warns() {
     assert!(!format!("{:?}", w.events().await).contains("token-"));
 }
 
+/// A Deployment that opts in to restarts for the ScgTokens "messaging" and "short".
 fn deployment(name: &str) -> Deployment {
     serde_json::from_value(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": name, "namespace": NS},
+        "metadata": {"name": name, "namespace": NS,
+            "annotations": {RESTART_FOR_ANNOTATION: "messaging,short"}},
         "spec": {
             "selector": {"matchLabels": {"app": name}},
             "template": {"metadata": {"labels": {"app": name}},
@@ -742,6 +757,13 @@ async fn workloads_are_restarted_once_per_token_debounced_and_refused_for_short_
             .await
             .unwrap();
     }
+    // Another team's Deployment, named by the ScgToken but not opting in.
+    let mut payments = deployment("payments");
+    payments.metadata.annotations = None;
+    deployments
+        .create(&PostParams::default(), &payments)
+        .await
+        .unwrap();
     let targets = |names: &[&str]| ConsumersSpec {
         rollout_restart_targets: names
             .iter()
@@ -752,12 +774,15 @@ async fn workloads_are_restarted_once_per_token_debounced_and_refused_for_short_
             .collect(),
         ..ConsumersSpec::default()
     };
-    w.create("messaging", "1h", targets(&["web", "absent"]))
+    w.create("messaging", "1h", targets(&["web", "absent", "payments"]))
         .await;
     w.api.issue("token-1", 3600);
     w.reconcile("messaging").await;
     let fp1 = w.fingerprint("messaging").await;
     assert_eq!(restarted_for(&w, "web"), Some(fp1.clone()));
+    assert_eq!(restarted_for(&w, "payments"), None, "not opted in");
+    let refused = w.has_event("Warning", "RestartNotAllowed").await.unwrap();
+    assert!(refused.contains("\"payments\""), "{refused}");
     let note = w.has_event("Normal", "RolloutRestarted").await.unwrap();
     assert!(note.contains("\"web\""), "{note}");
     assert!(

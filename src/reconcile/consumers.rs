@@ -42,9 +42,9 @@ use crate::{
         self, AgentReport, BehindPods, ConditionInputs, CurrentToken, RestartOutcome, Unread,
     },
     crd::{
-        AGENT_SCGTOKEN_LABEL, ConsumersSpec, ConsumersStatus, RolloutRestartTarget,
-        SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION, ScgToken, ScgTokenSpec,
-        ScgTokenStatus,
+        AGENT_SCGTOKEN_LABEL, ConsumersSpec, ConsumersStatus, RESTART_FOR_ANNOTATION,
+        RolloutRestartTarget, SERVED_FINGERPRINT_ANNOTATION, SERVED_SINCE_ANNOTATION, ScgToken,
+        ScgTokenSpec, ScgTokenStatus,
     },
     k8s,
     policy::{self, TokenTimes},
@@ -409,9 +409,22 @@ impl Pass<'_> {
         let pods: Api<Pod> = Api::namespaced(self.ctx.client.clone(), &self.key.namespace);
         let result = tokio::time::timeout(
             NUDGE_TIMEOUT,
-            consumers::nudge_pods(&pods, selector, fingerprint),
+            consumers::nudge_pods(&pods, &self.key.name, selector, fingerprint),
         )
         .await;
+        if let Ok(Ok(n)) = &result
+            && n.not_allowed > 0
+        {
+            let note = format!(
+                "{} pods of spec.consumers.podSelector do not opt in and were left \
+                 unchanged: annotate them (in their pod template) {RESTART_FOR_ANNOTATION}: {}",
+                n.not_allowed, self.key.name
+            );
+            warn!(reason = "NudgeNotAllowed", "{note}");
+            acted
+                .events
+                .push(event(EventType::Warning, "NudgeNotAllowed", note));
+        }
         let note = match result {
             Ok(Ok(n)) if n.failed == 0 => {
                 info!(
@@ -455,12 +468,13 @@ impl Pass<'_> {
             let result = consumers::rollout_restart(
                 self.ctx.client.clone(),
                 &self.key.namespace,
+                &self.key.name,
                 target,
                 fingerprint,
                 now,
             )
             .await;
-            let retry = restart_result(target, result, now, acted);
+            let retry = restart_result(&self.key.name, target, result, now, acted);
             done &= retry.is_none();
             acted.wake = earliest(acted.wake, retry);
         }
@@ -472,6 +486,7 @@ impl Pass<'_> {
 
 /// Reports one restart; when to try it again, if it is not done.
 fn restart_result(
+    scgtoken: &str,
     target: &RolloutRestartTarget,
     result: Result<RestartOutcome, kube::Error>,
     now: Timestamp,
@@ -489,6 +504,17 @@ fn restart_result(
         }
         Ok(RestartOutcome::AlreadyDone) => None,
         Ok(RestartOutcome::NotBefore(at)) => Some(at),
+        Ok(RestartOutcome::NotAllowed) => {
+            let note = format!(
+                "rollout-restart target {what} does not opt in and was left unchanged: \
+                 annotate it (its own metadata) {RESTART_FOR_ANNOTATION}: {scgtoken}"
+            );
+            warn!(reason = "RestartNotAllowed", "{note}");
+            acted
+                .events
+                .push(event(EventType::Warning, "RestartNotAllowed", note));
+            None
+        }
         Ok(RestartOutcome::NotFound) => {
             let note = format!("rollout-restart target {what} does not exist");
             warn!(reason = "RestartTargetNotFound", "{note}");

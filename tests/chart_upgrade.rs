@@ -166,6 +166,11 @@ fn set_probe(value: &str) -> String {
         "-p",
         &patch,
     ]);
+    served_probe()
+}
+
+/// `spec.upgradeProbe` of the test's ScgToken, as the API server serves it.
+fn served_probe() -> String {
     kubectl(&[
         "-n",
         NAMESPACE,
@@ -250,14 +255,9 @@ fn helm_upgrade_serves_the_new_crd_and_uninstall_keeps_it_and_the_scgtokens() {
     run(&helm, &["uninstall", RELEASE, "-n", NAMESPACE, "--wait"]);
     let (kept, out) = try_run(Path::new("kubectl"), &["get", "crd", CRD]);
     assert!(kept, "helm uninstall removed the CRD: {out}");
-    let left = kubectl(&[
-        "-n",
-        NAMESPACE,
-        "get",
-        "scgtoken",
-        "probe",
-        "-o",
-        "jsonpath={.spec.upgradeProbe}",
-    ]);
-    assert_eq!(left, "after", "the ScgToken did not survive helm uninstall");
+    assert_eq!(
+        served_probe(),
+        "after",
+        "the ScgToken did not survive helm uninstall"
+    );
 }

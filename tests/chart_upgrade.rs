@@ -23,6 +23,12 @@ use std::{
 
 use serde_yaml::Value;
 
+mod common {
+    pub mod manifests;
+}
+
+use common::manifests::{helm, repo};
+
 const IGNORE_REASON: &str = "needs a real API server and helm: \
      SCG_HELM=$(testenv/helm/build) testenv/run -- cargo test --test chart_upgrade";
 const CRD: &str = "scgtokens.scgtoken.io";
@@ -31,30 +37,11 @@ const NAMESPACE: &str = "scg-upgrade";
 /// Upper bound of any wait; generous for a loaded 2-core machine.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn kubeconfig() -> String {
     match std::env::var("SCG_E2E_KUBECONFIG") {
         Ok(path) if !path.is_empty() => path,
         _ => panic!("SCG_E2E_KUBECONFIG is not set: {IGNORE_REASON}"),
     }
-}
-
-/// $SCG_HELM, else what testenv/helm/build prints (building helm on first use).
-fn helm_bin() -> PathBuf {
-    if let Some(path) = std::env::var_os("SCG_HELM").filter(|p| !p.is_empty()) {
-        return PathBuf::from(path);
-    }
-    let out = Command::new(repo().join("testenv/helm/build"))
-        .output()
-        .expect("run testenv/helm/build");
-    assert!(
-        out.status.success(),
-        "testenv/helm/build failed: {IGNORE_REASON}"
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
 /// Runs `program` with the lane's kubeconfig; whether it succeeded, and what it printed.
@@ -188,8 +175,10 @@ fn served_probe() -> String {
     ignore = "needs a real API server and helm: SCG_HELM=$(testenv/helm/build) testenv/run -- cargo test --test chart_upgrade"
 )]
 fn helm_upgrade_serves_the_new_crd_and_uninstall_keeps_it_and_the_scgtokens() {
-    let helm = helm_bin();
-    let _cleanup = Cleanup { helm: helm.clone() };
+    let helm = helm();
+    let _cleanup = Cleanup {
+        helm: helm.to_path_buf(),
+    };
     // A CRD from before: installed with kubectl, or by the chart's former crds/. Helm takes
     // over an object only when it carries the release's ownership metadata.
     apply_committed_crd();
@@ -212,7 +201,7 @@ fn helm_upgrade_serves_the_new_crd_and_uninstall_keeps_it_and_the_scgtokens() {
     let chart = repo().join("charts/scg-token-operator");
     let chart = chart.to_str().unwrap();
     run(
-        &helm,
+        helm,
         &[
             "install",
             RELEASE,
@@ -245,14 +234,14 @@ fn helm_upgrade_serves_the_new_crd_and_uninstall_keeps_it_and_the_scgtokens() {
     std::fs::create_dir_all(&dir).expect("scratch directory");
     let next = next_chart(&dir);
     run(
-        &helm,
+        helm,
         &["upgrade", RELEASE, next.to_str().unwrap(), "-n", NAMESPACE],
     );
     until("the upgraded CRD to serve spec.upgradeProbe", || {
         (set_probe("after") == "after").then_some(())
     });
 
-    run(&helm, &["uninstall", RELEASE, "-n", NAMESPACE, "--wait"]);
+    run(helm, &["uninstall", RELEASE, "-n", NAMESPACE, "--wait"]);
     let (kept, out) = try_run(Path::new("kubectl"), &["get", "crd", CRD]);
     assert!(kept, "helm uninstall removed the CRD: {out}");
     assert_eq!(

@@ -20,46 +20,15 @@ mod common {
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use common::manifests::{
-    env_value as env, get, of_kind, one, operator_container, parse_docs, repo, s, seq, strs,
+    env_value as env, get, helm, of_kind, one, operator_container, parse_docs, repo, s, seq, strs,
 };
 use serde_yaml::Value;
 
-const NEEDS_HELM: &str = "needs helm: run testenv/helm/build";
 const RELEASE: &str = "scg-token-operator";
 const NAMESPACE: &str = "scg-token-operator";
 const CHART: &str = "charts/scg-token-operator";
-
-/// The helm binary: $SCG_HELM, else whatever testenv/helm/build prints (building it on
-/// first use). Panics when neither works: an ignored test that was asked for must not
-/// pass without having checked anything.
-fn helm() -> &'static Path {
-    static HELM: OnceLock<PathBuf> = OnceLock::new();
-    HELM.get_or_init(|| {
-        if let Some(path) = std::env::var_os("SCG_HELM").filter(|p| !p.is_empty()) {
-            let path = PathBuf::from(path);
-            assert!(
-                path.is_file(),
-                "SCG_HELM={} is not a file ({NEEDS_HELM})",
-                path.display()
-            );
-            return path;
-        }
-        let build = repo().join("testenv/helm/build");
-        let out = Command::new(&build)
-            .output()
-            .unwrap_or_else(|e| panic!("{}: {e} ({NEEDS_HELM})", build.display()));
-        assert!(
-            out.status.success(),
-            "{} failed ({NEEDS_HELM}):\n{}",
-            build.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-    })
-}
 
 fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd

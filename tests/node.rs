@@ -456,6 +456,19 @@ async fn kustomize_namespaced_overlay_stays_in_its_namespace() {
     namespaced_install_stays_in_its_namespace(&lane, &sim, "default").await;
 }
 
+/// Deletes the ScgToken CRD, and with it every ScgToken, if there is one.
+fn delete_crd() {
+    let _ = kubectl_try(
+        &[
+            "delete",
+            "crd",
+            "scgtokens.scgtoken.io",
+            "--ignore-not-found",
+        ],
+        None,
+    );
+}
+
 /// `helm install` of the chart, namespaced, with the lane's CA through the chart's
 /// extraEnv and extraVolumes values. Uninstalled (and its CRD removed) on drop.
 struct HelmInstall {
@@ -473,15 +486,7 @@ impl HelmInstall {
         let ca = lane.dir("helm", &[("ca.crt", sim.ca_pem().expect("TLS simulator"))]);
         // The chart installs the CRD as its own (crds.enabled): one left by another
         // install is not the release's, and helm would refuse to take it over.
-        let _ = kubectl_try(
-            &[
-                "delete",
-                "crd",
-                "scgtokens.scgtoken.io",
-                "--ignore-not-found",
-            ],
-            None,
-        );
+        delete_crd();
         // Namespaced mode grants a Role in the watched namespace, which must exist.
         kubectl(&["create", "namespace", watched]);
         kubectl(&["create", "namespace", OPERATOR_NS]);
@@ -554,15 +559,7 @@ impl Drop for HelmInstall {
         );
         // helm uninstall keeps the CRD (helm.sh/resource-policy: keep); the next install
         // brings its own.
-        let _ = kubectl_try(
-            &[
-                "delete",
-                "crd",
-                "scgtokens.scgtoken.io",
-                "--ignore-not-found",
-            ],
-            None,
-        );
+        delete_crd();
     }
 }
 

@@ -17,6 +17,36 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The helm binary: $SCG_HELM, else whatever testenv/helm/build prints (building it on
+/// first use). Panics when neither works: a test that was asked for must not pass
+/// without having checked anything.
+pub fn helm() -> &'static Path {
+    const NEEDS_HELM: &str = "needs helm: run testenv/helm/build";
+    static HELM: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELM.get_or_init(|| {
+        if let Some(path) = std::env::var_os("SCG_HELM").filter(|p| !p.is_empty()) {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "SCG_HELM={} is not a file ({NEEDS_HELM})",
+                path.display()
+            );
+            return path;
+        }
+        let build = repo().join("testenv/helm/build");
+        let out = Command::new(&build)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: {e} ({NEEDS_HELM})", build.display()));
+        assert!(
+            out.status.success(),
+            "{} failed ({NEEDS_HELM}):\n{}",
+            build.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    })
+}
+
 /// A scratch directory (copies of deploy/ and crds/, kustomize loads only relative
 /// paths), removed on drop.
 pub struct Scratch(pub PathBuf);

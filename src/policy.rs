@@ -373,7 +373,6 @@ pub struct Backoff {
 ///
 /// So an operator restarted at once to fix its configuration (a CA bundle, an allowed
 /// endpoint) waits one step of the back-off, not a minute more.
-#[allow(clippy::too_many_arguments)]
 pub fn resumed_backoff(
     failures: u32,
     last_failure_at: Option<Timestamp>,
